@@ -1,0 +1,1 @@
+"""Aggregation: combining decoded updates (weighted FedProx/FedAvg averaging)."""

@@ -1,0 +1,1 @@
+"""The client: ClientApp, the local FedProx solver, the on-device runtime."""

@@ -1,0 +1,1 @@
+"""Compression: pruning masks, int8 quantization, the update codec, export."""

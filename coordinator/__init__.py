@@ -1,0 +1,1 @@
+"""The coordinator: ServerApp round loop, client selection, work plans, the CLI."""

@@ -1,0 +1,317 @@
+"""The run configuration: TOML sections, `--set section.key=value` overrides, validation.
+
+Every section is a frozen dataclass whose field names are the TOML keys. Parsing is strict: an
+unknown section or key, a value of the wrong type, or a value out of range raises
+:class:`ConfigError` naming the offending ``section.key``. Nothing is silently coerced except an
+int where a float is expected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import tomllib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+from fleetfl.devices.fleet import DEFAULT_MIX, parse_mix
+from fleetfl.tasks.models import MODEL_NAMES
+from fleetfl.tasks.registry import DATASET_NAMES
+
+STRATEGY_NAMES = ("fedavg", "fedprox")
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message starts with the offending ``section.key``."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(f"config key '{key}': {problem}")
+        self.key = key
+
+
+def _f(default: Any, help: str) -> Any:  # noqa: A002 - mirrors argparse's name
+    """A dataclass field with a default and a one-line ``help`` shown by ``--help``."""
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    """What is learned: dataset, partitioning, model."""
+
+    dataset: str = _f("digits", "'synthetic' (FedProx paper) or 'digits' (scikit-learn)")
+    model: str = _f("cnn", "'logreg' (multinomial) or 'cnn' (digits only)")
+    alpha: float = _f(1.0, "Synthetic(alpha, beta): how much local models differ")
+    beta: float = _f(1.0, "Synthetic(alpha, beta): how much local data differ")
+    iid: bool = _f(False, "IID variant of the dataset (no label skew / shared model)")
+    partition_alpha: float = _f(0.5, "Dirichlet label skew for digits (smaller = more skewed)")
+    seed: int = _f(0, "seed of data generation and partitioning")
+
+    def check(self) -> None:
+        _choice("task.dataset", self.dataset, DATASET_NAMES)
+        _choice("task.model", self.model, MODEL_NAMES)
+        if self.dataset == "synthetic" and self.model != "logreg":
+            raise ConfigError("task.model", "the synthetic dataset has 60 features; use 'logreg'")
+        _at_least("task.alpha", self.alpha, 0.0)
+        _at_least("task.beta", self.beta, 0.0)
+        _positive("task.partition_alpha", self.partition_alpha)
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    """How many clients, rounds and local work; where the simulation runs."""
+
+    num_clients: int = _f(20, "clients in the fleet (synthetic: number of users)")
+    clients_per_round: int = _f(10, "clients sampled per round among those available")
+    rounds: int = _f(30, "communication rounds")
+    local_epochs: int = _f(2, "local epochs E of a full (non-straggler) work plan")
+    batch_size: int = _f(10, "local mini-batch size")
+    lr: float = _f(0.1, "local SGD learning rate")
+    ray_address: str = _f("", "'' starts a local Ray; 'auto' or 'HOST:PORT' joins a cluster")
+    client_cpus: float = _f(1.0, "Ray CPUs reserved per simulated client")
+    round_timeout_s: float = _f(600.0, "wall seconds to wait for a round's replies")
+
+    def check(self) -> None:
+        _positive("federation.num_clients", self.num_clients)
+        _positive("federation.clients_per_round", self.clients_per_round)
+        if self.clients_per_round > self.num_clients:
+            raise ConfigError(
+                "federation.clients_per_round",
+                f"{self.clients_per_round} exceeds federation.num_clients={self.num_clients}",
+            )
+        _positive("federation.rounds", self.rounds)
+        _positive("federation.local_epochs", self.local_epochs)
+        _positive("federation.batch_size", self.batch_size)
+        _positive("federation.lr", self.lr)
+        _positive("federation.client_cpus", self.client_cpus)
+        _positive("federation.round_timeout_s", self.round_timeout_s)
+
+
+@dataclass(frozen=True)
+class StrategyConfig:
+    """The aggregation algorithm: FedAvg or FedProx with proximal weight ``mu``."""
+
+    name: str = _f("fedprox", "'fedprox' or 'fedavg' (plain local SGD: mu is 0)")
+    mu: float = _f(0.01, "FedProx proximal weight: loss + mu/2 * ||w - w_t||^2 (0 with fedavg)")
+
+    def __post_init__(self) -> None:
+        # FedAvg is FedProx with mu = 0; resolve it here so summary.json shows what ran.
+        if self.name == "fedavg":
+            object.__setattr__(self, "mu", 0.0)
+
+    def check(self) -> None:
+        _choice("strategy.name", self.name, STRATEGY_NAMES)
+        _at_least("strategy.mu", self.mu, 0.0)
+
+
+@dataclass(frozen=True)
+class FleetConfig:
+    """The simulated devices: profile mix, stragglers, round deadline."""
+
+    mix: Mapping[str, float] = field(
+        default_factory=lambda: dict(DEFAULT_MIX),
+        metadata={"help": "device profiles and their weights, e.g. {rpi4 = 1, phone-mid = 2}"},
+    )
+    stragglers: float = _f(0.0, "fraction of each round's cohort that does only part of the work")
+    drop_stragglers: bool = _f(
+        False, "discard stragglers' partial work (FedAvg's behaviour in the FedProx paper)"
+    )
+    deadline_s: float = _f(0.0, "simulated seconds per round; 0 = no deadline")
+    seed: int = _f(0, "seed of device assignment, availability and straggler draws")
+
+    def check(self) -> None:
+        try:
+            parse_mix(self.mix)
+        except ValueError as err:
+            raise ConfigError("fleet.mix", str(err)) from None
+        if not 0.0 <= self.stragglers <= 1.0:
+            raise ConfigError("fleet.stragglers", f"must be in [0, 1], got {self.stragglers}")
+        _at_least("fleet.deadline_s", self.deadline_s, 0.0)
+
+
+@dataclass(frozen=True)
+class CompressionConfig:
+    """Update and model compression (keys arrive with pruning and int8 transport)."""
+
+    def check(self) -> None:
+        return None
+
+
+@dataclass(frozen=True)
+class SecAggConfig:
+    """Secure aggregation (keys arrive with SecAgg+)."""
+
+    def check(self) -> None:
+        return None
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    """Where results go and how progress is shown."""
+
+    dir: str = _f("runs/latest", "output directory (--out overrides)")
+    progress: bool = _f(True, "a progress bar on the terminal")
+    plot: bool = _f(True, "write report.png")
+
+    def check(self) -> None:
+        if not self.dir:
+            raise ConfigError("output.dir", "must not be empty")
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole resolved configuration of a run."""
+
+    task: TaskConfig = field(default_factory=TaskConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    fleet: FleetConfig = field(default_factory=FleetConfig)
+    compression: CompressionConfig = field(default_factory=CompressionConfig)
+    secagg: SecAggConfig = field(default_factory=SecAggConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        """Nested plain dict (JSON- and TOML-serializable)."""
+        return {
+            s.name: {k: _plain(v) for k, v in dataclasses.asdict(getattr(self, s.name)).items()}
+            for s in dataclasses.fields(self)
+        }
+
+
+_SECTION_TYPES = get_type_hints(Config)
+
+
+def _plain(value: Any) -> Any:
+    return dict(value) if isinstance(value, Mapping) else value
+
+
+def _choice(key: str, value: str, valid: Iterable[str]) -> None:
+    valid = tuple(valid)
+    if value not in valid:
+        raise ConfigError(key, f"{value!r} is not one of {', '.join(map(repr, valid))}")
+
+
+def _positive(key: str, value: float) -> None:
+    if not value > 0:
+        raise ConfigError(key, f"must be > 0, got {value}")
+
+
+def _at_least(key: str, value: float, low: float) -> None:
+    if not value >= low:
+        raise ConfigError(key, f"must be >= {low}, got {value}")
+
+
+def _coerce(key: str, value: Any, expected: Any) -> Any:
+    """Check ``value`` against the field type ``expected``; int→float is the only coercion."""
+    if expected is bool:
+        if isinstance(value, bool):
+            return value
+    elif expected is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif expected is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise ConfigError(key, f"must be finite, got {value}")
+            return float(value)
+    elif expected is str:
+        if isinstance(value, str):
+            return value
+    elif isinstance(value, Mapping):  # Mapping[str, float]
+        return {str(k): _coerce(f"{key}.{k}", v, float) for k, v in value.items()}
+    name = getattr(expected, "__name__", None) or "table"
+    raise ConfigError(key, f"expected {name}, got {type(value).__name__} {value!r}")
+
+
+def _build_section(name: str, values: Mapping[str, Any]) -> Any:
+    cls = _SECTION_TYPES[name]
+    hints = get_type_hints(cls)
+    kwargs = {}
+    for key, value in values.items():
+        if key not in hints:
+            known = ", ".join(hints) or "(none yet)"
+            raise ConfigError(f"{name}.{key}", f"unknown key; [{name}] accepts: {known}")
+        kwargs[key] = _coerce(f"{name}.{key}", value, hints[key])
+    section = cls(**kwargs)
+    section.check()
+    return section
+
+
+def from_dict(data: Mapping[str, Any]) -> Config:
+    """Build and validate a :class:`Config` from nested ``{section: {key: value}}``."""
+    sections = {}
+    for name, values in data.items():
+        if name not in _SECTION_TYPES:
+            raise ConfigError(name, f"unknown section; valid: {', '.join(_SECTION_TYPES)}")
+        if not isinstance(values, Mapping):
+            raise ConfigError(name, "must be a table ([section])")
+        sections[name] = _build_section(name, values)
+    return Config(**sections)
+
+
+def parse_override(item: str) -> tuple[str, str, Any]:
+    """Parse ``section.key=value``; the value is read as a TOML value, else as a bare string."""
+    path, sep, raw = item.partition("=")
+    section, dot, key = path.strip().partition(".")
+    if not sep or not dot or not section or not key:
+        raise ConfigError(path or item, "override must look like section.key=value")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return section, key, value
+
+
+def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> Config:
+    """Read the TOML file at ``path`` (optional), apply ``--set`` overrides, and validate."""
+    data: dict[str, dict[str, Any]] = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as fh:
+                loaded = tomllib.load(fh)
+        except FileNotFoundError:
+            raise ConfigError("--config", f"file not found: {path}") from None
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError("--config", f"{path} is not valid TOML: {err}") from None
+        for name, values in loaded.items():
+            data[name] = dict(values) if isinstance(values, Mapping) else values
+    for item in overrides:
+        section, key, value = parse_override(item)
+        if not isinstance(data.setdefault(section, {}), dict):
+            raise ConfigError(section, "must be a table ([section])")
+        data[section][key] = value
+    return from_dict(data)
+
+
+def to_run_config(config: Config) -> dict[str, bool | int | float | str]:
+    """Flatten to Flower's ``run_config`` form (``"section.key"`` → scalar; tables as JSON)."""
+    flat: dict[str, bool | int | float | str] = {}
+    for section, values in config.to_dict().items():
+        for key, value in values.items():
+            flat[f"{section}.{key}"] = json.dumps(value) if isinstance(value, dict) else value
+    return flat
+
+
+def from_run_config(run_config: Mapping[str, Any]) -> Config:
+    """Inverse of :func:`to_run_config`; unknown keys are errors as in TOML."""
+    data: dict[str, dict[str, Any]] = {}
+    for flat_key, value in run_config.items():
+        section, _, key = flat_key.partition(".")
+        hints = get_type_hints(_SECTION_TYPES[section]) if section in _SECTION_TYPES else {}
+        if isinstance(value, str) and key in hints and hints[key] not in (str,):
+            value = json.loads(value)
+        data.setdefault(section, {})[key] = value
+    return from_dict(data)
+
+
+def describe_keys() -> list[tuple[str, str, str]]:
+    """``(section.key, default, help)`` for every configuration key, for ``--help``."""
+    rows = []
+    for name, cls in _SECTION_TYPES.items():
+        for f in dataclasses.fields(cls):
+            default = f.default_factory() if callable(f.default_factory) else f.default
+            help_text = f.metadata.get("help", "")
+            rows.append((f"{name}.{f.name}", json.dumps(_plain(default)), help_text))
+    return rows

@@ -1,0 +1,113 @@
+"""``fleetfl simulate``: run the fleet on Flower's simulation engine (Ray) and write results.
+
+The ServerApp runs in this process (Flower runs it in a thread); each simulated client is a
+virtual SuperNode whose ClientApp executes in a Ray actor. Outputs, in ``config.output.dir``:
+``metrics.jsonl`` (one object per round, written as rounds finish), ``summary.json`` and
+``report.png``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from fleetfl.coordinator.config import Config
+from fleetfl.coordinator.report import append_row, build_summary, plot_report, write_summary
+from fleetfl.coordinator.server_app import RunOutcome, make_server_app
+
+
+def backend_config(config: Config, verbose: bool = False) -> dict[str, Any]:
+    """Flower's Ray backend settings: CPUs per client, and the cluster to join if any."""
+    init_args: dict[str, Any] = {"logging_level": logging.ERROR, "log_to_driver": verbose}
+    if config.federation.ray_address:
+        init_args["address"] = config.federation.ray_address
+    return {
+        "client_resources": {"num_cpus": config.federation.client_cpus, "num_gpus": 0.0},
+        "init_args": init_args,
+    }
+
+
+def _quiet_flower(verbose: bool) -> None:
+    """Flower logs every round at INFO; the progress bar replaces that unless verbose.
+
+    Client failures still surface: Flower returns them as error replies, which the strategy
+    logs through ``fleetfl.*`` loggers.
+    """
+    logging.getLogger("flwr").setLevel(logging.INFO if verbose else logging.ERROR)
+    # Ray warns about accelerator env vars on CPU-only runs; we reserve no GPUs on purpose.
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+
+
+def simulate(config: Config, *, verbose: bool = False, console: Console | None = None) -> dict:
+    """Run the configured simulation; return the summary (also written to the output dir)."""
+    from flwr.simulation import run_simulation
+
+    from fleetfl.client.app import app as client_app
+
+    console = console or Console(stderr=True)
+    out = Path(config.output.dir)
+    out.mkdir(parents=True, exist_ok=True)
+    metrics_path = out / "metrics.jsonl"
+    metrics_path.write_text("", encoding="utf-8")
+    _quiet_flower(verbose)
+    outcome = RunOutcome()
+    started = time.perf_counter()
+    progress = Progress(
+        TextColumn("[bold]rounds"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TextColumn("{task.description}"), console=console, disable=not config.output.progress,
+    )
+    with progress:
+        bar = progress.add_task("starting Ray…", total=config.federation.rounds)
+
+        def on_round(row: dict[str, Any]) -> None:
+            append_row(metrics_path, row)
+            progress.update(bar, advance=1, description=(
+                f"acc {row['accuracy']:.3f}  loss {row['loss']:.3f}  "
+                f"clients {row['aggregated']}/{row['selected']}"))
+
+        server_app = make_server_app(config, on_round=on_round, outcome=outcome)
+        run_simulation(
+            server_app=server_app,
+            client_app=client_app,
+            num_supernodes=config.federation.num_clients,
+            backend_config=backend_config(config, verbose),  # type: ignore[arg-type]
+            verbose_logging=verbose,
+        )
+    if len(outcome.rows) < config.federation.rounds:
+        raise RuntimeError(
+            f"the simulation stopped after {len(outcome.rows)} of {config.federation.rounds} "
+            "rounds; see the log above for the cause"
+        )
+    summary = build_summary(outcome.rows, config=config.to_dict(),
+                            clients_total=outcome.clients_total,
+                            wall_time_s=time.perf_counter() - started, initial=outcome.initial)
+    write_summary(out / "summary.json", summary)
+    if config.output.plot:
+        title = (f"{config.strategy.name} mu={config.strategy.mu} on {config.task.dataset}/"
+                 f"{config.task.model}, {config.federation.num_clients} clients")
+        plot_report(out / "report.png", outcome.rows, title)
+    return summary
+
+
+def summary_table(summary: dict[str, Any], out_dir: str) -> Table:
+    """The table printed at the end of a run."""
+    table = Table(title=f"fleetfl simulate → {out_dir}", show_header=False)
+    fmt = {
+        "rounds": "{:d}", "final_accuracy": "{:.4f}", "final_loss": "{:.4f}",
+        "best_accuracy": "{:.4f}", "clients_total": "{:d}", "client_rounds": "{:d}",
+        "stragglers_total": "{:d}", "dropped_stragglers_total": "{:d}",
+        "rejected_total": "{:d}", "failed_total": "{:d}",
+        "uplink_bytes_total": "{:,d} B", "downlink_bytes_total": "{:,d} B",
+        "uplink_bytes_per_client_round": "{:,.0f} B", "simulated_time_s": "{:,.1f} s",
+        "wall_time_s": "{:,.1f} s",
+    }
+    for key, pattern in fmt.items():
+        table.add_row(key, pattern.format(summary[key]))
+    return table

@@ -1,0 +1,217 @@
+"""FleetFedProx: Flower's FedProx with per-client work plans and partial-work aggregation.
+
+Server-side math is FedProx's (= FedAvg's) weighted average over the kept replies,
+
+    w^{t+1} = sum_{k in S_t} n_k w_k^{t+1} / sum_{k in S_t} n_k,
+
+where S_t is the cohort minus failed, rejected and late replies. What this class adds:
+
+* ``configure_train`` sends **each client its own** ``ConfigRecord``: the round's settings plus
+  the client's work plan (``plan.*``) from its device profile, the straggler draw and the
+  deadline (see :mod:`fleetfl.coordinator.planning`).
+* ``aggregate_train`` screens every reply (shape, dtype, NaN/Inf, metrics) and rejects a bad one
+  *for that client only*; keeps stragglers' partial work (FedProx) or drops it
+  (``drop_stragglers``, FedAvg's behaviour in the FedProx paper); measures bytes from the
+  serialized messages and advances the virtual clock.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedProx
+
+from fleetfl import protocol as P
+from fleetfl.aggregation.average import check_update, weighted_average
+from fleetfl.coordinator.planning import PlanSettings, plan_cohort, select_cohort
+from fleetfl.coordinator.registry import ClientInfo, FleetRegistry
+from fleetfl.devices.clock import client_round_time_s, round_time_s
+from fleetfl.devices.workplan import WorkPlan
+
+log = logging.getLogger(__name__)
+
+
+class ReplyError(ValueError):
+    """A client's reply that cannot be aggregated; the round goes on without it."""
+
+
+@dataclass
+class RoundStats:
+    """What happened in one training round (counts of clients, bytes, simulated seconds)."""
+
+    server_round: int
+    selected: int = 0
+    aggregated: int = 0
+    stragglers: int = 0  # clients given a partial plan (straggler draw or deadline)
+    dropped_stragglers: int = 0
+    rejected: int = 0  # replies that failed validation
+    failed: int = 0  # error replies or no reply
+    missed_deadline: int = 0
+    received: int = 0  # replies that carried an update (their bytes count as uplink)
+    uplink_bytes: int = 0
+    downlink_bytes: int = 0
+    round_time_s: float = 0.0  # simulated: slowest client waited for, capped by the deadline
+    client_train_loss: float = math.nan  # example-weighted mean of the clients' local losses
+
+
+@dataclass(frozen=True)
+class _Reply:
+    arrays: list[np.ndarray]
+    num_examples: int
+    samples: int
+    loss: float
+
+
+class FleetFedProx(FedProx):
+    """FedProx over a heterogeneous fleet: per-client work plans, partial work kept."""
+
+    def __init__(
+        self,
+        *,
+        registry: FleetRegistry,
+        settings: PlanSettings,
+        proximal_mu: float,
+        flops_per_sample: float,
+        drop_stragglers: bool = False,
+    ) -> None:
+        super().__init__(
+            fraction_evaluate=0.0,  # the simulation evaluates centrally (evaluate_fn)
+            min_train_nodes=1,
+            min_available_nodes=1,
+            proximal_mu=proximal_mu,
+        )
+        self.registry = registry
+        self.settings = settings
+        self.flops_per_sample = flops_per_sample
+        self.drop_stragglers = drop_stragglers
+        self.history: list[RoundStats] = []
+        self._cohort: dict[int, ClientInfo] = {}
+        self._plans: dict[int, WorkPlan] = {}
+        self._down: dict[int, int] = {}
+        self._keys: list[str] = []
+        self._reference: list[np.ndarray] = []
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Register new nodes, sample the cohort, and send each client its own plan."""
+        self.registry.refresh(grid)
+        config[P.SERVER_ROUND] = server_round
+        config[P.PROXIMAL_MU] = self.proximal_mu
+        self._keys = list(arrays.keys())
+        self._reference = arrays.to_numpy_ndarrays()
+        model_bytes = P.record_bytes(RecordDict({P.ARRAYS: arrays}))
+        cohort = select_cohort(self.registry.clients, server_round, self.settings)
+        self._plans = plan_cohort(
+            cohort,
+            server_round,
+            self.settings,
+            flops_per_sample=self.flops_per_sample,
+            downlink_bytes=model_bytes,
+            uplink_bytes=model_bytes,
+        )
+        self._cohort = {c.node_id: c for c in cohort}
+        stats = RoundStats(server_round, selected=len(cohort))
+        stats.stragglers = sum(p.straggler for p in self._plans.values())
+        messages = []
+        for client in cohort:
+            cfg = ConfigRecord({**config, **self._plans[client.node_id].to_config()})
+            content = RecordDict({P.ARRAYS: arrays, P.CONFIG: cfg})
+            self._down[client.node_id] = P.record_bytes(content)
+            stats.downlink_bytes += self._down[client.node_id]
+            messages.append(
+                Message(content, dst_node_id=client.node_id, message_type=MessageType.TRAIN)
+            )
+        self.history.append(stats)
+        return messages
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Screen replies, keep or drop partial work, and average what is kept."""
+        stats = self.history[-1]
+        kept: list[_Reply] = []
+        waited: list[float] = []
+        replies = list(replies)
+        stats.failed = stats.selected - len(replies)
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            if node not in self._cohort:
+                log.warning("round %d: ignoring reply from node %d not in the cohort",
+                            server_round, node)
+                continue
+            if msg.has_error():
+                stats.failed += 1
+                log.warning("round %d: client %d failed: %s",
+                            server_round, self._cohort[node].index, msg.error.reason)
+                continue
+            up = P.record_bytes(msg.content)
+            stats.uplink_bytes += up
+            stats.received += 1
+            try:
+                reply = self._read_reply(msg)
+            except ReplyError as err:
+                stats.rejected += 1
+                log.warning("round %d: rejected update of client %d: %s",
+                            server_round, self._cohort[node].index, err)
+                continue
+            seconds = client_round_time_s(
+                self._cohort[node].device,
+                flops=reply.samples * self.flops_per_sample,
+                uplink_bytes=up,
+                downlink_bytes=self._down[node],
+            )
+            if self.settings.deadline_s and seconds > self.settings.deadline_s:
+                stats.missed_deadline += 1
+                continue
+            waited.append(seconds)
+            if self._plans[node].straggler and self.drop_stragglers:
+                stats.dropped_stragglers += 1
+                continue
+            # Weight by the example count the client registered with, not what it claims now.
+            kept.append(_Reply(reply.arrays, self._cohort[node].num_examples, reply.samples,
+                               reply.loss))
+        stats.round_time_s = round_time_s(waited, self.settings.deadline_s)
+        stats.aggregated = len(kept)
+        if not kept:
+            log.warning("round %d: no usable update; the global model is unchanged", server_round)
+            return None, None
+        weights = [r.num_examples for r in kept]
+        stats.client_train_loss = float(np.average([r.loss for r in kept], weights=weights))
+        averaged = weighted_average([r.arrays for r in kept], weights)
+        metrics = MetricRecord(
+            {P.TRAIN_LOSS: stats.client_train_loss, P.NUM_EXAMPLES: int(sum(weights))}
+        )
+        return P.arrays_to_record(self._keys, averaged), metrics
+
+    def _read_reply(self, msg: Message) -> _Reply:
+        """Validate one training reply against the global model (raises :class:`ReplyError`)."""
+        content = msg.content
+        if P.ARRAYS not in content.array_records or P.METRICS not in content.metric_records:
+            raise ReplyError(f"reply lacks '{P.ARRAYS}' or '{P.METRICS}'")
+        record = content.array_records[P.ARRAYS]
+        if list(record.keys()) != self._keys:
+            raise ReplyError(f"tensor names {list(record.keys())[:4]}... != the global model's")
+        try:
+            arrays = record.to_numpy_ndarrays()
+        except Exception as err:  # a malformed Array payload raises from numpy deserialization
+            raise ReplyError(f"undecodable tensors: {err}") from None
+        problem = check_update(arrays, self._reference)
+        if problem:
+            raise ReplyError(problem)
+        metrics = content.metric_records[P.METRICS]
+        try:
+            n = int(metrics[P.NUM_EXAMPLES])
+            samples = int(metrics[P.SAMPLES_PROCESSED])
+            loss = float(metrics[P.TRAIN_LOSS])
+        except (KeyError, TypeError, ValueError) as err:
+            raise ReplyError(f"bad metrics: {err}") from None
+        if n <= 0 or samples < 0 or not math.isfinite(loss):
+            raise ReplyError(f"implausible metrics: {n=} {samples=} {loss=}")
+        return _Reply(arrays, n, samples, loss)

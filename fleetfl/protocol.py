@@ -1,0 +1,57 @@
+"""The message contract between coordinator and clients, on Flower's Message API.
+
+Every message's content is a ``RecordDict`` with explicit keys:
+
+* ``query`` with ``config["op"] == "register"``: the coordinator asks a client what it is. The
+  config carries the run's ``task.*`` and ``fleet.*`` keys (a simulated client derives its device
+  and data shard from them). The reply's ``config`` has ``device`` (a JSON device profile),
+  ``num-examples`` and ``client-index``.
+* ``train``: ``arrays`` (the global model), ``config`` with ``server-round``, ``proximal-mu``,
+  ``lr``, the ``task.*`` keys and the client's own work plan (``plan.*``). The reply has
+  ``arrays`` (the locally trained model) and ``metrics`` (``num-examples``,
+  ``samples-processed``, ``steps``, ``train-loss``).
+
+This module has no logic beyond naming keys and measuring serialized sizes, so both sides (and
+mobile clients written against the docs) agree on one spelling.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, RecordDict
+from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+
+ARRAYS = "arrays"
+CONFIG = "config"
+METRICS = "metrics"
+
+OP = "op"
+OP_REGISTER = "register"
+
+SERVER_ROUND = "server-round"
+PROXIMAL_MU = "proximal-mu"  # the key Flower's FedProx strategy uses
+LR = "lr"
+
+DEVICE = "device"
+CLIENT_INDEX = "client-index"
+NUM_EXAMPLES = "num-examples"  # the key Flower's strategies weight by
+SAMPLES_PROCESSED = "samples-processed"
+STEPS = "steps"
+TRAIN_LOSS = "train-loss"
+
+
+def arrays_to_record(keys: Sequence[str], arrays: Sequence[np.ndarray]) -> ArrayRecord:
+    """An ``ArrayRecord`` holding ``arrays`` under ``keys`` (order kept)."""
+    return ArrayRecord.from_array_dict(
+        {k: Array(np.ascontiguousarray(a)) for k, a in zip(keys, arrays, strict=True)}
+    )
+
+
+def record_bytes(content: RecordDict) -> int:
+    """Bytes of ``content`` as Flower serializes it for transport (sum of its deflated objects).
+
+    This is what crosses the network for the message body; it is measured, not estimated.
+    """
+    return sum(len(obj.deflate()) for obj in get_all_nested_objects(content).values())

@@ -1,0 +1,1 @@
+"""Privacy: secure aggregation (SecAgg+ on the Message API) and DP."""

@@ -1,0 +1,152 @@
+"""Models for the federated tasks, and their per-sample compute cost in FLOPs."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+MODEL_NAMES: tuple[str, ...] = ("logreg", "cnn")
+
+
+class LogisticRegression(nn.Module):
+    """Multinomial logistic regression: one Linear layer on the flattened input.
+
+    Input float32 of shape ``(batch, *input_shape)`` with ``prod(input_shape) ==
+    in_features``; output logits of shape ``(batch, num_classes)`` (apply softmax /
+    cross-entropy outside).
+    """
+
+    def __init__(self, in_features: int, num_classes: int) -> None:
+        super().__init__()
+        self.flatten = nn.Flatten()
+        self.linear = nn.Linear(in_features, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.flatten(x))
+
+
+class DigitsCNN(nn.Module):
+    """Small CNN for 1x8x8 digit images.
+
+    Conv(1->16, 3x3, pad 1) - ReLU - Conv(16->32, 3x3, pad 1) - ReLU - MaxPool(2) - Flatten -
+    Linear(32*4*4=512 -> 64) - ReLU - Linear(64 -> num_classes). Only plain layers, so the
+    model can be pruned, fake-quantized and exported to ONNX/TFLite unchanged.
+
+    Input float32 ``(batch, in_channels, height, width)``; output logits ``(batch,
+    num_classes)``. Height and width must be >= 2 (odd sizes are floored by the pooling).
+    """
+
+    def __init__(
+        self, num_classes: int = 10, in_channels: int = 1, height: int = 8, width: int = 8
+    ) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, 16, kernel_size=3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(16, 32, kernel_size=3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+        )
+        self.classifier = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(32 * (height // 2) * (width // 2), 64),
+            nn.ReLU(),
+            nn.Linear(64, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+def _construct(name: str, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """Instantiate model ``name`` (parameters drawn from the current torch RNG)."""
+    if name == "logreg":
+        return LogisticRegression(math.prod(input_shape), num_classes)
+    # name == "cnn"
+    if len(input_shape) != 3 or input_shape[1] < 2 or input_shape[2] < 2:
+        raise ValueError(
+            f"model 'cnn' needs an image input_shape (channels, height, width) with "
+            f"height, width >= 2, like (1, 8, 8); got {input_shape}"
+        )
+    channels, height, width = input_shape
+    return DigitsCNN(num_classes, channels, height, width)
+
+
+def build_model(
+    name: str, input_shape: tuple[int, ...], num_classes: int, seed: int = 0
+) -> nn.Module:
+    """Build model ``name`` in {"logreg", "cnn"} with initial weights determined by ``seed``.
+
+    The global torch RNG is forked, so building a model leaves it unchanged.
+
+    Raises:
+        ValueError: unknown ``name``, empty ``input_shape``, ``num_classes < 2`` or, for
+            "cnn", a non-image ``input_shape``.
+    """
+    if name not in MODEL_NAMES:
+        raise ValueError(f"unknown model {name!r}; valid names: {', '.join(MODEL_NAMES)}")
+    input_shape = tuple(int(d) for d in input_shape)
+    if not input_shape or min(input_shape) < 1:
+        raise ValueError(f"input_shape must be non-empty with positive sizes, got {input_shape}")
+    if num_classes < 2:
+        raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+    # devices=[]: CPU-only fork; the models are built on CPU and moved by the caller.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _construct(name, input_shape, num_classes)
+
+
+def forward_flops_per_sample(model: nn.Module, input_shape: tuple[int, ...]) -> int:
+    """Forward-pass FLOPs for one sample, counting only Linear and Conv2d layers.
+
+    FLOPs = 2 x multiply-accumulates (one multiply + one add per MAC). Biases, activations,
+    pooling and normalisation are not counted; they are small next to the matmuls. A Conv2d
+    costs ``out_elements * (in_channels / groups) * kernel_h * kernel_w`` MACs (padded
+    positions included), a Linear ``in_features * out_features`` MACs per output row.
+    Measured with forward hooks on a zero batch of shape ``(1, *input_shape)``, so layers a
+    sample does not reach are not counted and reused layers are counted each time.
+    """
+    macs = 0
+
+    def hook(module: nn.Module, _inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        nonlocal macs
+        if isinstance(module, nn.Conv2d):
+            kernel = module.kernel_size[0] * module.kernel_size[1]
+            macs += output.numel() * (module.in_channels // module.groups) * kernel
+        else:  # nn.Linear; output rows = all leading dimensions of one sample
+            macs += output.numel() * module.in_features
+
+    handles = [
+        m.register_forward_hook(hook)
+        for m in model.modules()
+        if isinstance(m, nn.Linear | nn.Conv2d)
+    ]
+    param = next(model.parameters(), None)
+    dummy = torch.zeros(
+        (1, *input_shape),
+        dtype=param.dtype if param is not None else torch.float32,
+        device=param.device if param is not None else "cpu",
+    )
+    was_training = model.training
+    try:
+        model.eval()  # no dropout / batch-norm statistic updates from the dummy batch
+        with torch.no_grad():
+            model(dummy)
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+    return 2 * macs
+
+
+def training_flops_per_sample(model: nn.Module, input_shape: tuple[int, ...]) -> int:
+    """Training FLOPs for one sample (forward + backward) = 3 x forward FLOPs.
+
+    The backward pass costs about twice the forward pass (gradients with respect to both
+    activations and weights, one matmul each), the usual rule of thumb behind the "6N FLOPs
+    per token" estimate (2N forward + 4N backward) of Kaplan et al. 2020, "Scaling Laws for
+    Neural Language Models". Optimizer updates are not included.
+    """
+    return 3 * forward_flops_per_sample(model, input_shape)

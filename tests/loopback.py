@@ -1,0 +1,52 @@
+"""An in-process Grid for tests: delivers each message to the real fleetfl ClientApp.
+
+This stands in for Flower's transport only (which has its own tests and is exercised by the
+end-to-end runs); the ServerApp, strategy and ClientApp code under test are the real ones.
+``tamper`` lets a test corrupt one client's reply, as a faulty or malicious device would.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from fleetfl.client.app import app as client_app
+
+Tamper = Callable[[Message], Message]
+
+
+class LoopbackGrid:
+    """Nodes ``1000 + i`` are simulated clients with ``partition-id`` i."""
+
+    def __init__(self, num_clients: int, tamper: dict[int, Tamper] | None = None,
+                 crash: Iterable[int] = ()) -> None:
+        self.nodes = {1000 + i: i for i in range(num_clients)}
+        self.tamper = tamper or {}
+        self.crash = set(crash)
+        self.sent: list[Message] = []
+        # Flower's runtime sets the running task's identity before a ServerApp builds messages.
+        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.nodes)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None
+                         ) -> list[Message]:
+        replies = []
+        for i, msg in enumerate(messages):
+            msg.metadata.__dict__["_message_id"] = f"m{len(self.sent)}-{i}"
+            self.sent.append(msg)
+            node = msg.metadata.dst_node_id
+            index = self.nodes[node]
+            if index in self.crash and msg.metadata.message_type == "train":
+                replies.append(Message(Error(code=1, reason="device crashed"), reply_to=msg))
+                continue
+            context = Context(run_id=1, node_id=node, node_config={"partition-id": index},
+                              state=RecordDict(), run_config={})
+            reply = client_app(msg, context)
+            if index in self.tamper and msg.metadata.message_type == "train":
+                reply = self.tamper[index](reply)
+            replies.append(reply)
+        return replies

@@ -1,0 +1,92 @@
+"""The configuration contract: TOML sections, --set overrides, errors that name the key."""
+
+import pytest
+
+from fleetfl.coordinator.config import (
+    Config,
+    ConfigError,
+    describe_keys,
+    from_run_config,
+    load_config,
+    parse_override,
+    to_run_config,
+)
+
+
+def test_defaults_validate_and_round_trip_through_run_config():
+    cfg = load_config()
+    assert cfg == Config()
+    assert from_run_config(to_run_config(cfg)) == cfg
+
+
+def test_toml_file_and_overrides(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text(
+        '[task]\ndataset = "synthetic"\nmodel = "logreg"\n'
+        "[federation]\nnum_clients = 30\nrounds = 5\n"
+        "[fleet]\nmix = { rpi4 = 1, phone-low = 3 }\n"
+    )
+    cfg = load_config(path, ["federation.lr=0.01", "strategy.mu=1", "fleet.stragglers=0.9"])
+    assert cfg.task.dataset == "synthetic"
+    assert cfg.federation.num_clients == 30 and cfg.federation.rounds == 5
+    assert cfg.federation.lr == 0.01
+    assert cfg.strategy.mu == 1.0 and isinstance(cfg.strategy.mu, float)
+    assert dict(cfg.fleet.mix) == {"rpi4": 1.0, "phone-low": 3.0}
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("federation.clients=3", "federation.clients"),
+        ("nosuch.key=1", "nosuch"),
+        ("federation.rounds=0", "federation.rounds"),
+        ("federation.rounds=2.5", "federation.rounds"),
+        ("federation.lr=-1", "federation.lr"),
+        ("federation.lr=nan", "federation.lr"),
+        ("task.dataset=mnist", "task.dataset"),
+        ("task.iid=1", "task.iid"),
+        ("strategy.name=scaffold", "strategy.name"),
+        ("fleet.stragglers=1.5", "fleet.stragglers"),
+        ("fleet.mix={iphone99=1}", "fleet.mix"),
+        ("federation.clients_per_round=50", "federation.clients_per_round"),
+    ],
+)
+def test_bad_values_name_the_key(override, key):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [override])
+    assert info.value.key == key
+    assert f"'{key}'" in str(info.value)
+
+
+def test_cnn_on_synthetic_is_rejected():
+    with pytest.raises(ConfigError, match="task.model"):
+        load_config(None, ["task.dataset=synthetic", "task.model=cnn"])
+
+
+def test_unknown_toml_key_and_bad_toml(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text("[strategy]\nmuu = 1\n")
+    with pytest.raises(ConfigError, match="strategy.muu"):
+        load_config(path)
+    path.write_text("[strategy\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="file not found"):
+        load_config(tmp_path / "missing.toml")
+
+
+def test_override_syntax():
+    assert parse_override("output.dir=runs/x") == ("output", "dir", "runs/x")
+    assert parse_override("fleet.seed=3") == ("fleet", "seed", 3)
+    with pytest.raises(ConfigError):
+        parse_override("rounds=3")
+
+
+def test_fedavg_resolves_mu_to_zero():
+    assert load_config(None, ["strategy.name=fedavg", "strategy.mu=1"]).strategy.mu == 0.0
+
+
+def test_every_key_is_documented():
+    rows = describe_keys()
+    assert len(rows) >= 20
+    assert all(help_text for _, _, help_text in rows), [k for k, _, h in rows if not h]
