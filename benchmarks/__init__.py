@@ -1,0 +1,1 @@
+"""Benchmarks: each script measures the real code path and prints JSON (see BENCHMARKS.md)."""
