@@ -31,9 +31,12 @@ class PlanSettings:
     seed: int
 
 
-def round_rng(seed: int, server_round: int) -> np.random.Generator:
-    """The RNG of one round's coordinator draws: reproducible, independent across rounds."""
-    return np.random.default_rng([seed, server_round, 0x5E1EC7])
+_SELECTION, _STRAGGLERS = 0, 1  # independent random streams of one round
+
+
+def round_rng(seed: int, server_round: int, stream: int) -> np.random.Generator:
+    """A reproducible RNG for one kind of draw (``stream``) in one round."""
+    return np.random.default_rng([seed, server_round, stream])
 
 
 def select_cohort(
@@ -42,7 +45,8 @@ def select_cohort(
     """Sample up to ``clients_per_round`` clients among those online this round."""
     online = available_clients([c.device for c in clients], server_round, settings.seed)
     k = min(settings.clients_per_round, len(online))
-    picks = round_rng(settings.seed, server_round).choice(online, size=k, replace=False)
+    rng = round_rng(settings.seed, server_round, _SELECTION)
+    picks = rng.choice(online, size=k, replace=False)
     return [clients[i] for i in sorted(int(p) for p in picks)]
 
 
@@ -60,8 +64,7 @@ def plan_cohort(
     ``downlink_bytes``/``uplink_bytes`` are the expected message sizes, used to leave transfer
     time inside the deadline.
     """
-    rng = round_rng(settings.seed, server_round)
-    rng.random(len(cohort))  # keep straggler draws independent of the cohort sampling above
+    rng = round_rng(settings.seed, server_round, _STRAGGLERS)
     straggler_epochs = sample_stragglers(
         len(cohort), settings.stragglers, settings.local_epochs, rng
     )

@@ -37,6 +37,10 @@ from fleetfl.devices.workplan import WorkPlan
 log = logging.getLogger(__name__)
 
 
+# A reply's metrics record is a few hundred bytes; plan with room to spare.
+_METRICS_ALLOWANCE_BYTES = 1024
+
+
 class ReplyError(ValueError):
     """A client's reply that cannot be aggregated; the round goes on without it."""
 
@@ -55,6 +59,7 @@ class RoundStats:
     missed_deadline: int = 0
     received: int = 0  # replies that carried an update (their bytes count as uplink)
     uplink_bytes: int = 0
+    max_uplink_bytes: int = 0  # largest single reply, for next round's transfer-time plan
     downlink_bytes: int = 0
     round_time_s: float = 0.0  # simulated: slowest client waited for, capped by the deadline
     client_train_loss: float = math.nan  # example-weighted mean of the clients' local losses
@@ -106,15 +111,14 @@ class FleetFedProx(FedProx):
         config[P.PROXIMAL_MU] = self.proximal_mu
         self._keys = list(arrays.keys())
         self._reference = arrays.to_numpy_ndarrays()
-        model_bytes = P.record_bytes(RecordDict({P.ARRAYS: arrays}))
         cohort = select_cohort(self.registry.clients, server_round, self.settings)
         self._plans = plan_cohort(
             cohort,
             server_round,
             self.settings,
             flops_per_sample=self.flops_per_sample,
-            downlink_bytes=model_bytes,
-            uplink_bytes=model_bytes,
+            downlink_bytes=self._downlink_estimate(arrays, config),
+            uplink_bytes=self._uplink_estimate(arrays),
         )
         self._cohort = {c.node_id: c for c in cohort}
         stats = RoundStats(server_round, selected=len(cohort))
@@ -130,6 +134,18 @@ class FleetFedProx(FedProx):
             )
         self.history.append(stats)
         return messages
+
+    def _downlink_estimate(self, arrays: ArrayRecord, config: ConfigRecord) -> int:
+        """Bytes of this round's train message, measured on one with a placeholder plan."""
+        probe = ConfigRecord({**config, **WorkPlan(1.0, 0, 1, False).to_config()})
+        return P.record_bytes(RecordDict({P.ARRAYS: arrays, P.CONFIG: probe}))
+
+    def _uplink_estimate(self, arrays: ArrayRecord) -> int:
+        """Largest reply of the previous round, else the model plus a metrics allowance."""
+        last = self.history[-1] if self.history else None
+        if last is not None and last.max_uplink_bytes:
+            return last.max_uplink_bytes
+        return P.record_bytes(RecordDict({P.ARRAYS: arrays})) + _METRICS_ALLOWANCE_BYTES
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -153,6 +169,7 @@ class FleetFedProx(FedProx):
                 continue
             up = P.record_bytes(msg.content)
             stats.uplink_bytes += up
+            stats.max_uplink_bytes = max(stats.max_uplink_bytes, up)
             stats.received += 1
             try:
                 reply = self._read_reply(msg)

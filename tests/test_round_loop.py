@@ -110,3 +110,4 @@ def test_deadline_gives_partial_plans_to_slow_devices():
     assert sum(r["stragglers"] for r in outcome.rows) > 0
     assert sum(r["aggregated"] for r in outcome.rows) > sum(r["stragglers"] for r in outcome.rows)
     assert all(0 < r["round_time_s"] <= 0.006 + 1e-12 for r in outcome.rows)
+    assert all(r["missed_deadline"] == 0 for r in outcome.rows)  # the plans fit the deadline
