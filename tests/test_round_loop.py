@@ -78,13 +78,12 @@ def test_stragglers_are_kept_by_fedprox_and_dropped_by_fedavg():
     ids=["nan", "inf", "wrong-shape", "wrong-dtype"],
 )
 def test_a_bad_update_is_rejected_and_the_round_goes_on(corrupt, caplog):
-    bad = 0
-    outcome, _ = _run([], tamper={bad: lambda r: _with_update(r, corrupt)})
+    outcome, _ = _run([], tamper={i: lambda r: _with_update(r, corrupt) for i in (0, 1)})
     rejected = sum(r["rejected"] for r in outcome.rows)
     assert rejected >= 1
     assert all(np.isfinite(r["loss"]) for r in outcome.rows)
     assert outcome.rows[-1]["loss"] < outcome.initial["loss"]
-    assert "rejected update of client 0" in caplog.text
+    assert "rejected update of client" in caplog.text
 
 
 def test_missing_tensor_and_crash_are_contained(caplog):
@@ -95,7 +94,7 @@ def test_missing_tensor_and_crash_are_contained(caplog):
             {k: Array(record[k].numpy()) for k in keys}), P.METRICS: reply.content[P.METRICS]})
         return Message(content, reply_to=_original(reply))
 
-    outcome, _ = _run([], tamper={1: drop_tensor}, crash=[2])
+    outcome, _ = _run([], tamper={i: drop_tensor for i in (1, 3, 5)}, crash=[2, 4, 6])
     assert sum(r["rejected"] for r in outcome.rows) >= 1
     assert sum(r["failed"] for r in outcome.rows) >= 1
     assert "device crashed" in caplog.text
