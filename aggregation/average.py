@@ -1,4 +1,4 @@
-"""Weighted averaging of client models, and the checks an update must pass first.
+"""Weighted averaging of client updates.
 
 FedAvg and FedProx aggregate the same way on the server (Li et al. 2020, Alg. 2; McMahan et al.
 2017): with client k returning weights w_k trained on n_k examples,
@@ -6,7 +6,9 @@ FedAvg and FedProx aggregate the same way on the server (Li et al. 2020, Alg. 2;
     w^{t+1} = sum_k n_k * w_k / sum_k n_k
 
 FedProx differs only in the clients' local objective and in *keeping* partial work from
-stragglers; which replies are kept is decided by the caller (see ``coordinator/strategy.py``).
+stragglers; which replies are kept is decided by the caller (see ``coordinator/strategy.py``),
+after the codec has validated them. Averaging updates Δ_k = w_k − w^t with the same weights
+gives the same model: w^{t+1} = w^t + sum_k n_k Δ_k / sum_k n_k.
 """
 
 from __future__ import annotations
@@ -14,24 +16,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-
-
-def check_update(arrays: Sequence[np.ndarray], reference: Sequence[np.ndarray]) -> str | None:
-    """Return why ``arrays`` cannot be aggregated against ``reference``, or ``None`` if it can.
-
-    Checks the tensor count, each tensor's shape and dtype kind (float), and that every value is
-    finite. The message names the first offending tensor by index.
-    """
-    if len(arrays) != len(reference):
-        return f"expected {len(reference)} tensors, got {len(arrays)}"
-    for i, (arr, ref) in enumerate(zip(arrays, reference, strict=True)):
-        if arr.shape != ref.shape:
-            return f"tensor {i}: shape {arr.shape} != expected {ref.shape}"
-        if arr.dtype.kind != "f":
-            return f"tensor {i}: dtype {arr.dtype} is not floating point"
-        if not np.isfinite(arr).all():
-            return f"tensor {i}: contains NaN or Inf"
-    return None
 
 
 def weighted_average(

@@ -8,13 +8,19 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 
+import numpy as np
+import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fleetfl import protocol as P
 from fleetfl.client.local import LocalTask, load_local_task, task_settings
 from fleetfl.client.solver import fedprox_train
+from fleetfl.client.transport import pack_update, receive_model
+from fleetfl.compression.masks import apply_masks_torch_
+from fleetfl.compression.qat import enable_qat
 from fleetfl.devices.workplan import WorkPlan
 
 log = logging.getLogger(__name__)
@@ -45,9 +51,14 @@ def train(msg: Message, context: Context) -> Message:
     cfg = msg.content[P.CONFIG]
     local = load_local_task(task_settings(cfg), context.node_config)
     plan = WorkPlan.from_config(cfg)
-    model = local.fresh_model()
-    model.load_state_dict(msg.content[P.ARRAYS].to_torch_state_dict())
     server_round = int(cfg[P.SERVER_ROUND])
+    model = local.fresh_model()
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    received = receive_model(msg.content[P.PAYLOAD][P.MODEL_BLOB], shapes, server_round,
+                             context.state)
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in received.weights.items()})
+    keep_pruned = _mask_hook(model, received.masks)
+    qat = enable_qat(model) if bool(cfg["compression.qat"]) else None
     result = fedprox_train(
         model,
         local.x_train,
@@ -57,21 +68,35 @@ def train(msg: Message, context: Context) -> Message:
         batch_size=plan.batch_size,
         steps=plan.steps_for(len(local.y_train)),
         seed=_round_seed(local, server_round),
+        post_step=keep_pruned,
     )
-    state = model.state_dict()
+    if qat is not None:
+        qat.remove()
+    weights = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    blob, tail = pack_update(
+        weights, received, bits=int(cfg["compression.update_bits"]), clip=float(cfg[P.CLIP]),
+        error_feedback=bool(cfg["compression.error_feedback"]),
+        rng=np.random.default_rng([local.seed, local.index, server_round]), state=context.state)
     metrics = MetricRecord(
         {
             P.NUM_EXAMPLES: len(local.y_train),
             P.SAMPLES_PROCESSED: result.samples,
             P.STEPS: result.steps,
             P.TRAIN_LOSS: result.mean_loss,
+            P.CLIP_TAIL: tail.to_list(),
         }
     )
-    reply = RecordDict(
-        {P.ARRAYS: P.arrays_to_record(list(state), [t.numpy() for t in state.values()]),
-         P.METRICS: metrics}
-    )
+    reply = RecordDict({P.PAYLOAD: ConfigRecord({P.UPDATE_BLOB: blob}), P.METRICS: metrics})
     return Message(reply, reply_to=msg)
+
+
+def _mask_hook(model: torch.nn.Module, masks: dict[str, np.ndarray]) -> Callable[[], None] | None:
+    """A post-step hook that keeps pruned weights exactly zero (``None`` if nothing is pruned)."""
+    if not masks:
+        return None
+    params = dict(model.named_parameters())
+    torch_masks = {k: torch.from_numpy(m) for k, m in masks.items()}
+    return lambda: apply_masks_torch_(params, torch_masks)
 
 
 def _round_seed(local: LocalTask, server_round: int) -> int:

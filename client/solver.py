@@ -12,7 +12,7 @@ squared norm of the paper. ``mu = 0`` is plain local SGD, i.e. FedAvg's client.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -63,11 +63,14 @@ def fedprox_train(
     batch_size: int,
     steps: int,
     seed: int,
+    post_step: Callable[[], None] | None = None,
 ) -> SolverResult:
     """Run ``steps`` SGD steps of the FedProx objective on ``(x, y)``, in place on ``model``.
 
     The anchor w^t is the model's parameters on entry. Mini-batches walk through a fresh seeded
     permutation each epoch, so a straggler's partial work is a prefix of the full work.
+    ``post_step`` runs after every step (e.g. re-applying pruning masks so pruned weights stay
+    exactly zero).
     """
     n = len(y)
     if n == 0 or steps <= 0:
@@ -90,6 +93,8 @@ def fedprox_train(
             if mu > 0:
                 add_proximal_gradient_(params, anchor, mu)
             sgd_step_(params, lr)
+            if post_step is not None:
+                post_step()
             losses[done] = loss.detach()
             samples += len(idx)
             done += 1

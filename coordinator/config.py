@@ -133,10 +133,35 @@ class FleetConfig:
 
 @dataclass(frozen=True)
 class CompressionConfig:
-    """Update and model compression (keys arrive with pruning and int8 transport)."""
+    """Pruning, int8 update transport, downlink precision and quantization-aware training."""
+
+    prune_final_sparsity: float = _f(0.0, "fraction of prunable weights pruned at the end (0-1)")
+    prune_start_round: int = _f(1, "first round of the cubic pruning schedule")
+    prune_end_round: int = _f(10, "round at which prune_final_sparsity is reached")
+    update_bits: int = _f(32, "uplink update precision: 8 (int8, shared clip) or 32 (float32)")
+    downlink_bits: int = _f(32, "global model precision on the downlink: 8, 16 or 32")
+    error_feedback: bool = _f(True, "clients re-send int8 rounding/clipping error next round")
+    qat: bool = _f(False, "fake-quant (per-channel int8 weights) during local training")
+    initial_clip: float = _f(0.05, "shared int8 clip range of round 1; adapted every round")
+    clip_target: float = _f(1e-3, "fraction of update values the adapted clip range may clip")
 
     def check(self) -> None:
-        return None
+        if not 0.0 <= self.prune_final_sparsity < 1.0:
+            raise ConfigError("compression.prune_final_sparsity",
+                              f"must be in [0, 1), got {self.prune_final_sparsity}")
+        _positive("compression.prune_start_round", self.prune_start_round)
+        if self.prune_end_round < self.prune_start_round:
+            raise ConfigError("compression.prune_end_round",
+                              f"{self.prune_end_round} is before prune_start_round "
+                              f"{self.prune_start_round}")
+        _choice("compression.update_bits", str(self.update_bits), ("8", "32"))
+        _choice("compression.downlink_bits", str(self.downlink_bits), ("8", "16", "32"))
+        if not 1e-6 <= self.initial_clip <= 1e3:
+            raise ConfigError("compression.initial_clip", f"must be in [1e-6, 1e3], got "
+                              f"{self.initial_clip}")
+        if not 0.0 < self.clip_target < 1.0:
+            raise ConfigError("compression.clip_target", f"must be in (0, 1), got "
+                              f"{self.clip_target}")
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ SUMMARY_FIELDS = (
     "wall_time_s",
     "simulated_time_s",
     "clients_total",
+    "compression_ratio_uplink",
     "config",
 )
 
@@ -54,6 +55,13 @@ def build_summary(
         "uplink_bytes_total": up,
         "downlink_bytes_total": sum(int(r["downlink_bytes"]) for r in rows),
         "uplink_bytes_per_client_round": up / received if received else 0.0,
+        # Plain Flower's fp32 replies for the same client-rounds, over what we actually sent.
+        "compression_ratio_uplink": (
+            sum(int(r["dense_uplink_bytes"]) for r in rows) / up if up else 0.0),
+        "downlink_bytes_per_client_round": (
+            sum(int(r["downlink_bytes"]) for r in rows)
+            / max(1, sum(int(r["selected"]) for r in rows))),
+        "final_sparsity": last["sparsity"],
         "client_rounds": received,
         "aggregated_total": sum(int(r["aggregated"]) for r in rows),
         "stragglers_total": sum(int(r["stragglers"]) for r in rows),

@@ -22,6 +22,7 @@ from fleetfl.coordinator.config import Config, from_run_config, to_run_config
 from fleetfl.coordinator.planning import PlanSettings
 from fleetfl.coordinator.registry import FleetRegistry
 from fleetfl.coordinator.strategy import FleetFedProx
+from fleetfl.coordinator.transport import ModelTransport, TransportSettings
 from fleetfl.devices.clock import VirtualClock
 from fleetfl.tasks.evaluation import evaluate
 from fleetfl.tasks.models import build_model, training_flops_per_sample
@@ -43,7 +44,8 @@ class RunOutcome:
 def message_config(config: Config) -> ConfigRecord:
     """The settings every client needs, as one flat ``ConfigRecord``."""
     flat = to_run_config(config)
-    keep = ("task.", "fleet.mix", "fleet.seed", "federation.num_clients")
+    keep = ("task.", "fleet.mix", "fleet.seed", "federation.num_clients",
+            "compression.update_bits", "compression.error_feedback", "compression.qat")
     cfg = {k: v for k, v in flat.items() if k.startswith(keep)}
     cfg[P.LR] = config.federation.lr
     return ConfigRecord(cfg)
@@ -70,8 +72,22 @@ def run_rounds(grid: Grid, config: Config, outcome: RunOutcome,
         deadline_s=config.fleet.deadline_s or None,
         seed=config.fleet.seed,
     )
+    comp = config.compression
+    transport = ModelTransport(
+        TransportSettings(
+            prune_final_sparsity=comp.prune_final_sparsity,
+            prune_start_round=comp.prune_start_round,
+            prune_end_round=comp.prune_end_round,
+            update_bits=comp.update_bits,
+            downlink_bits=comp.downlink_bits,
+            initial_clip=comp.initial_clip,
+            clip_target=comp.clip_target,
+        ),
+        {k: tuple(v.shape) for k, v in model.state_dict().items()},
+    )
     strategy = FleetFedProx(
         registry=registry,
+        transport=transport,
         settings=settings,
         proximal_mu=config.strategy.mu,
         flops_per_sample=training_flops_per_sample(model, data.input_shape),

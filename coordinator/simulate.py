@@ -105,7 +105,8 @@ def summary_table(summary: dict[str, Any], out_dir: str) -> Table:
         "stragglers_total": "{:d}", "dropped_stragglers_total": "{:d}",
         "rejected_total": "{:d}", "failed_total": "{:d}",
         "uplink_bytes_total": "{:,d} B", "downlink_bytes_total": "{:,d} B",
-        "uplink_bytes_per_client_round": "{:,.0f} B", "simulated_time_s": "{:,.1f} s",
+        "uplink_bytes_per_client_round": "{:,.0f} B", "compression_ratio_uplink": "{:.1f}x",
+        "final_sparsity": "{:.2f}", "simulated_time_s": "{:,.1f} s",
         "wall_time_s": "{:,.1f} s",
     }
     for key, pattern in fmt.items():

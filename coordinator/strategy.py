@@ -9,10 +9,14 @@ where S_t is the cohort minus failed, rejected and late replies. What this class
 * ``configure_train`` sends **each client its own** ``ConfigRecord``: the round's settings plus
   the client's work plan (``plan.*``) from its device profile, the straggler draw and the
   deadline (see :mod:`fleetfl.coordinator.planning`).
-* ``aggregate_train`` screens every reply (shape, dtype, NaN/Inf, metrics) and rejects a bad one
-  *for that client only*; keeps stragglers' partial work (FedProx) or drops it
-  (``drop_stragglers``, FedAvg's behaviour in the FedProx paper); measures bytes from the
-  serialized messages and advances the virtual clock.
+* the model travels as a codec blob (pruned, int8/fp16/fp32) and each client returns its update
+  Δ_k = w_k − w^t as a codec blob (int8 with the cohort's shared clip range, or float32), see
+  :mod:`fleetfl.coordinator.transport`; the average above is applied as
+  w^{t+1} = w^t + sum_k n_k Δ_k / sum_k n_k.
+* ``aggregate_train`` validates every reply (codec: names, shapes, counts, dtype, scale, round,
+  mask id, NaN/Inf, checksum; metrics) and rejects a bad one *for that client only*; keeps
+  stragglers' partial work (FedProx) or drops it (``drop_stragglers``, FedAvg's behaviour in the
+  FedProx paper); measures bytes from the serialized messages and advances the virtual clock.
 """
 
 from __future__ import annotations
@@ -28,9 +32,10 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedProx
 
 from fleetfl import protocol as P
-from fleetfl.aggregation.average import check_update, weighted_average
+from fleetfl.aggregation.average import weighted_average
 from fleetfl.coordinator.planning import PlanSettings, plan_cohort, select_cohort
 from fleetfl.coordinator.registry import ClientInfo, FleetRegistry
+from fleetfl.coordinator.transport import ModelTransport
 from fleetfl.devices.clock import client_round_time_s, round_time_s
 from fleetfl.devices.workplan import WorkPlan
 
@@ -59,15 +64,18 @@ class RoundStats:
     missed_deadline: int = 0
     received: int = 0  # replies that carried an update (their bytes count as uplink)
     uplink_bytes: int = 0
+    dense_uplink_bytes: int = 0  # what the same replies would be as plain Flower fp32 records
     max_uplink_bytes: int = 0  # largest single reply, for next round's transfer-time plan
     downlink_bytes: int = 0
     round_time_s: float = 0.0  # simulated: slowest client waited for, capped by the deadline
     client_train_loss: float = math.nan  # example-weighted mean of the clients' local losses
+    sparsity: float = 0.0  # fraction of prunable weights pruned in this round's model
+    clip: float = math.nan  # shared int8 clip range used this round
 
 
 @dataclass(frozen=True)
 class _Reply:
-    arrays: list[np.ndarray]
+    delta: dict[str, np.ndarray]
     num_examples: int
     samples: int
     loss: float
@@ -80,6 +88,7 @@ class FleetFedProx(FedProx):
         self,
         *,
         registry: FleetRegistry,
+        transport: ModelTransport,
         settings: PlanSettings,
         proximal_mu: float,
         flops_per_sample: float,
@@ -92,6 +101,7 @@ class FleetFedProx(FedProx):
             proximal_mu=proximal_mu,
         )
         self.registry = registry
+        self.transport = transport
         self.settings = settings
         self.flops_per_sample = flops_per_sample
         self.drop_stragglers = drop_stragglers
@@ -100,7 +110,8 @@ class FleetFedProx(FedProx):
         self._plans: dict[int, WorkPlan] = {}
         self._down: dict[int, int] = {}
         self._keys: list[str] = []
-        self._reference: list[np.ndarray] = []
+        self._base: dict[str, np.ndarray] = {}
+        self._dense_reply_bytes = 0
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -110,23 +121,28 @@ class FleetFedProx(FedProx):
         config[P.SERVER_ROUND] = server_round
         config[P.PROXIMAL_MU] = self.proximal_mu
         self._keys = list(arrays.keys())
-        self._reference = arrays.to_numpy_ndarrays()
+        self._base = dict(zip(self._keys, arrays.to_numpy_ndarrays(), strict=True))
+        self.transport.begin_round(server_round, self._base)  # prunes _base in place
+        config[P.CLIP] = self.transport.clip
+        self._dense_reply_bytes = _plain_flower_reply_bytes(arrays)
         cohort = select_cohort(self.registry.clients, server_round, self.settings)
         self._plans = plan_cohort(
             cohort,
             server_round,
             self.settings,
             flops_per_sample=self.flops_per_sample,
-            downlink_bytes=self._downlink_estimate(arrays, config),
-            uplink_bytes=self._uplink_estimate(arrays),
+            downlink_bytes=self._downlink_estimate(config),
+            uplink_bytes=self._uplink_estimate(),
         )
         self._cohort = {c.node_id: c for c in cohort}
-        stats = RoundStats(server_round, selected=len(cohort))
+        stats = RoundStats(server_round, selected=len(cohort), sparsity=self.transport.sparsity,
+                           clip=self.transport.clip)
         stats.stragglers = sum(p.straggler for p in self._plans.values())
         messages = []
         for client in cohort:
             cfg = ConfigRecord({**config, **self._plans[client.node_id].to_config()})
-            content = RecordDict({P.ARRAYS: arrays, P.CONFIG: cfg})
+            blob = self.transport.model_blob(client.node_id)
+            content = RecordDict({P.CONFIG: cfg, P.PAYLOAD: ConfigRecord({P.MODEL_BLOB: blob})})
             self._down[client.node_id] = P.record_bytes(content)
             stats.downlink_bytes += self._down[client.node_id]
             messages.append(
@@ -135,17 +151,18 @@ class FleetFedProx(FedProx):
         self.history.append(stats)
         return messages
 
-    def _downlink_estimate(self, arrays: ArrayRecord, config: ConfigRecord) -> int:
-        """Bytes of this round's train message, measured on one with a placeholder plan."""
+    def _downlink_estimate(self, config: ConfigRecord) -> int:
+        """Bytes of this round's largest train message (with bitmaps, placeholder plan)."""
         probe = ConfigRecord({**config, **WorkPlan(1.0, 0, 1, False).to_config()})
-        return P.record_bytes(RecordDict({P.ARRAYS: arrays, P.CONFIG: probe}))
+        blob = ConfigRecord({P.MODEL_BLOB: self.transport.model_blob(-1)})
+        return P.record_bytes(RecordDict({P.CONFIG: probe, P.PAYLOAD: blob}))
 
-    def _uplink_estimate(self, arrays: ArrayRecord) -> int:
-        """Largest reply of the previous round, else the model plus a metrics allowance."""
+    def _uplink_estimate(self) -> int:
+        """Largest reply of the previous round, else the update bound plus metrics."""
         last = self.history[-1] if self.history else None
         if last is not None and last.max_uplink_bytes:
             return last.max_uplink_bytes
-        return P.record_bytes(RecordDict({P.ARRAYS: arrays})) + _METRICS_ALLOWANCE_BYTES
+        return self.transport.max_update_bytes() + _METRICS_ALLOWANCE_BYTES
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -164,6 +181,7 @@ class FleetFedProx(FedProx):
                 continue
             if msg.has_error():
                 stats.failed += 1
+                self.transport.forget(node)
                 log.warning("round %d: client %d failed: %s",
                             server_round, self._cohort[node].index, msg.error.reason)
                 continue
@@ -171,6 +189,7 @@ class FleetFedProx(FedProx):
             stats.uplink_bytes += up
             stats.max_uplink_bytes = max(stats.max_uplink_bytes, up)
             stats.received += 1
+            stats.dense_uplink_bytes += self._dense_reply_bytes
             try:
                 reply = self._read_reply(msg)
             except ReplyError as err:
@@ -192,43 +211,48 @@ class FleetFedProx(FedProx):
                 stats.dropped_stragglers += 1
                 continue
             # Weight by the example count the client registered with, not what it claims now.
-            kept.append(_Reply(reply.arrays, self._cohort[node].num_examples, reply.samples,
+            kept.append(_Reply(reply.delta, self._cohort[node].num_examples, reply.samples,
                                reply.loss))
         stats.round_time_s = round_time_s(waited, self.settings.deadline_s)
         stats.aggregated = len(kept)
+        self.transport.end_round()
         if not kept:
             log.warning("round %d: no usable update; the global model is unchanged", server_round)
             return None, None
         weights = [r.num_examples for r in kept]
         stats.client_train_loss = float(np.average([r.loss for r in kept], weights=weights))
-        averaged = weighted_average([r.arrays for r in kept], weights)
+        mean_delta = weighted_average([[r.delta[k] for k in self._keys] for r in kept], weights)
+        new = [self._base[k] + d for k, d in zip(self._keys, mean_delta, strict=True)]
         metrics = MetricRecord(
             {P.TRAIN_LOSS: stats.client_train_loss, P.NUM_EXAMPLES: int(sum(weights))}
         )
-        return P.arrays_to_record(self._keys, averaged), metrics
+        return P.arrays_to_record(self._keys, new), metrics
 
     def _read_reply(self, msg: Message) -> _Reply:
-        """Validate one training reply against the global model (raises :class:`ReplyError`)."""
+        """Validate one training reply (raises :class:`ReplyError` naming the problem)."""
         content = msg.content
-        if P.ARRAYS not in content.array_records or P.METRICS not in content.metric_records:
-            raise ReplyError(f"reply lacks '{P.ARRAYS}' or '{P.METRICS}'")
-        record = content.array_records[P.ARRAYS]
-        if list(record.keys()) != self._keys:
-            raise ReplyError(f"tensor names {list(record.keys())[:4]}... != the global model's")
-        try:
-            arrays = record.to_numpy_ndarrays()
-        except Exception as err:  # a malformed Array payload raises from numpy deserialization
-            raise ReplyError(f"undecodable tensors: {err}") from None
-        problem = check_update(arrays, self._reference)
-        if problem:
-            raise ReplyError(problem)
+        if P.PAYLOAD not in content.config_records or P.METRICS not in content.metric_records:
+            raise ReplyError(f"reply lacks '{P.PAYLOAD}' or '{P.METRICS}'")
         metrics = content.metric_records[P.METRICS]
         try:
             n = int(metrics[P.NUM_EXAMPLES])
             samples = int(metrics[P.SAMPLES_PROCESSED])
             loss = float(metrics[P.TRAIN_LOSS])
+            tail = list(metrics[P.CLIP_TAIL])  # type: ignore[arg-type]
+            blob = content.config_records[P.PAYLOAD][P.UPDATE_BLOB]
         except (KeyError, TypeError, ValueError) as err:
-            raise ReplyError(f"bad metrics: {err}") from None
-        if n <= 0 or samples < 0 or not math.isfinite(loss):
-            raise ReplyError(f"implausible metrics: {n=} {samples=} {loss=}")
-        return _Reply(arrays, n, samples, loss)
+            raise ReplyError(f"bad metrics or payload: {err!r}") from None
+        if n <= 0 or samples < 0 or not math.isfinite(loss) or not isinstance(blob, bytes):
+            raise ReplyError(f"implausible reply: {n=} {samples=} {loss=}")
+        try:
+            delta = self.transport.decode_update(msg.metadata.src_node_id, blob, tail)
+        except ValueError as err:  # CodecError included
+            raise ReplyError(str(err)) from None
+        return _Reply(delta, n, samples, loss)
+
+
+def _plain_flower_reply_bytes(arrays: ArrayRecord) -> int:
+    """Serialized size of the reply plain Flower would send: the fp32 model and metrics."""
+    metrics = MetricRecord({P.NUM_EXAMPLES: 1, P.SAMPLES_PROCESSED: 1, P.STEPS: 1,
+                            P.TRAIN_LOSS: 0.0})
+    return P.record_bytes(RecordDict({P.ARRAYS: arrays, P.METRICS: metrics}))

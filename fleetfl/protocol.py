@@ -6,10 +6,14 @@ Every message's content is a ``RecordDict`` with explicit keys:
   config carries the run's ``task.*`` and ``fleet.*`` keys (a simulated client derives its device
   and data shard from them). The reply's ``config`` has ``device`` (a JSON device profile),
   ``num-examples`` and ``client-index``.
-* ``train``: ``arrays`` (the global model), ``config`` with ``server-round``, ``proximal-mu``,
-  ``lr``, the ``task.*`` keys and the client's own work plan (``plan.*``). The reply has
-  ``arrays`` (the locally trained model) and ``metrics`` (``num-examples``,
-  ``samples-processed``, ``steps``, ``train-loss``).
+* ``train``: ``config`` with ``server-round``, ``proximal-mu``, ``lr``, ``clip`` (the cohort's
+  shared int8 clip range), the ``task.*``/``compression.*`` keys and the client's own work plan
+  (``plan.*``), and ``payload["model"]``: the global model as a codec blob
+  (:mod:`fleetfl.compression.codec`, kind "model": sparse under the pruning mask, int8/fp16/fp32,
+  with the mask bitmaps only when the client may not hold them). The reply has
+  ``payload["update"]`` (a codec blob, kind "update": Δ = w_local − w_received on the unpruned
+  coordinates, int8 with the shared clip or float32) and ``metrics`` (``num-examples``,
+  ``samples-processed``, ``steps``, ``train-loss``, ``clip-tail``).
 
 This module has no logic beyond naming keys and measuring serialized sizes, so both sides (and
 mobile clients written against the docs) agree on one spelling.
@@ -26,6 +30,9 @@ from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 ARRAYS = "arrays"
 CONFIG = "config"
 METRICS = "metrics"
+PAYLOAD = "payload"  # ConfigRecord of codec blobs (bytes)
+MODEL_BLOB = "model"
+UPDATE_BLOB = "update"
 
 OP = "op"
 OP_REGISTER = "register"
@@ -33,6 +40,7 @@ OP_REGISTER = "register"
 SERVER_ROUND = "server-round"
 PROXIMAL_MU = "proximal-mu"  # the key Flower's FedProx strategy uses
 LR = "lr"
+CLIP = "clip"
 
 DEVICE = "device"
 CLIENT_INDEX = "client-index"
@@ -40,6 +48,7 @@ NUM_EXAMPLES = "num-examples"  # the key Flower's strategies weight by
 SAMPLES_PROCESSED = "samples-processed"
 STEPS = "steps"
 TRAIN_LOSS = "train-loss"
+CLIP_TAIL = "clip-tail"  # int8 tail counts of the client's quantized values (list[int])
 
 
 def arrays_to_record(keys: Sequence[str], arrays: Sequence[np.ndarray]) -> ArrayRecord:

@@ -26,6 +26,10 @@ class LoopbackGrid:
         self.tamper = tamper or {}
         self.crash = set(crash)
         self.sent: list[Message] = []
+        # Flower keeps one Context per node across rounds (context.state is the client's memory).
+        self.contexts = {node: Context(run_id=1, node_id=node, node_config={"partition-id": i},
+                                       state=RecordDict(), run_config={})
+                         for node, i in self.nodes.items()}
         # Flower's runtime sets the running task's identity before a ServerApp builds messages.
         TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
 
@@ -43,9 +47,7 @@ class LoopbackGrid:
             if index in self.crash and msg.metadata.message_type == "train":
                 replies.append(Message(Error(code=1, reason="device crashed"), reply_to=msg))
                 continue
-            context = Context(run_id=1, node_id=node, node_config={"partition-id": index},
-                              state=RecordDict(), run_config={})
-            reply = client_app(msg, context)
+            reply = client_app(msg, self.contexts[node])
             if index in self.tamper and msg.metadata.message_type == "train":
                 reply = self.tamper[index](reply)
             replies.append(reply)

@@ -1,9 +1,9 @@
-"""Weighted averaging and update screening."""
+"""Weighted averaging."""
 
 import numpy as np
 import pytest
 
-from fleetfl.aggregation.average import check_update, weighted_average
+from fleetfl.aggregation.average import weighted_average
 
 
 def test_weighted_average_by_example_counts():
@@ -23,16 +23,3 @@ def test_weighted_average_rejects_bad_weights():
         weighted_average([a], [0])
     with pytest.raises(ValueError):
         weighted_average([a, a], [1, -1])
-
-
-def test_check_update_names_the_problem():
-    ref = [np.zeros((2, 3), np.float32), np.zeros(3, np.float32)]
-    assert check_update([np.ones((2, 3), np.float32), np.ones(3, np.float32)], ref) is None
-    assert "expected 2 tensors" in check_update([ref[0]], ref)
-    assert "shape" in check_update([np.zeros((3, 2), np.float32), ref[1]], ref)
-    assert "dtype" in check_update([ref[0].astype(np.int8), ref[1]], ref)
-    bad = np.zeros(3, np.float32)
-    bad[1] = np.nan
-    assert "NaN" in check_update([ref[0], bad], ref)
-    bad[1] = np.inf
-    assert "tensor 1" in check_update([ref[0], bad], ref)

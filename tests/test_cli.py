@@ -40,6 +40,8 @@ def test_simulation_on_flower_engine_learns_and_writes_results(tmp_path):
         "--set", "task.model=logreg", "--set", "federation.num_clients=8",
         "--set", "federation.clients_per_round=4", "--set", "federation.rounds=6",
         "--set", "fleet.stragglers=0.5", "--set", "fleet.mix={rpi4=1,phone-high=1}",
+        "--set", "compression.update_bits=8", "--set", "compression.prune_final_sparsity=0.5",
+        "--set", "compression.prune_end_round=3", "--set", "compression.downlink_bits=16",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
@@ -54,6 +56,8 @@ def test_simulation_on_flower_engine_learns_and_writes_results(tmp_path):
     assert summary["simulated_time_s"] == pytest.approx(sum(r["round_time_s"] for r in rows))
     assert summary["simulated_time_s"] > 0 and summary["wall_time_s"] > 0
     assert summary["stragglers_total"] > 0
+    assert summary["compression_ratio_uplink"] > 4  # int8 and half the weights pruned
+    assert rows[-1]["sparsity"] == pytest.approx(0.5, abs=0.01)
     assert summary["config"]["fleet"]["stragglers"] == 0.5
     assert (out / "report.png").stat().st_size > 10_000
     assert "final_accuracy" in proc.stdout  # the final table

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import struct
+import zlib
+
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, Message, RecordDict
+from flwr.app import ConfigRecord, Message, RecordDict
 from loopback import LoopbackGrid
 
 from fleetfl import protocol as P
@@ -26,12 +29,15 @@ def _run(overrides, **grid_kwargs):
     return outcome, grid
 
 
-def _with_update(reply: Message, fn) -> Message:
-    record = reply.content[P.ARRAYS]
-    arrays = [fn(a) for a in record.to_numpy_ndarrays()]
-    content = RecordDict({P.ARRAYS: P.arrays_to_record(list(record.keys()), arrays),
+def _with_blob(reply: Message, fn) -> Message:
+    """``reply`` with its update blob replaced by ``fn(blob)``."""
+    content = RecordDict({P.PAYLOAD: ConfigRecord({P.UPDATE_BLOB: fn(_blob(reply))}),
                           P.METRICS: reply.content[P.METRICS]})
     return Message(content, reply_to=_original(reply))
+
+
+def _blob(reply: Message) -> bytes:
+    return reply.content[P.PAYLOAD][P.UPDATE_BLOB]
 
 
 def _original(reply: Message) -> Message:
@@ -39,6 +45,18 @@ def _original(reply: Message) -> Message:
     msg = Message(RecordDict(), dst_node_id=reply.metadata.src_node_id, message_type="train")
     msg.metadata.__dict__["_message_id"] = reply.metadata.reply_to_message_id
     return msg
+
+
+def _with_crc(body: bytes) -> bytes:
+    return body + struct.pack("<I", zlib.crc32(body))
+
+
+def _nan_last_value(blob: bytes) -> bytes:
+    """Overwrite the last float32 payload value with NaN, with a valid checksum."""
+    body = bytearray(blob[:-4])
+    # The last tensor's last float32 value sits just before the CRC: corrupt that one.
+    body[-4:] = struct.pack("<f", float("nan"))
+    return _with_crc(bytes(body))
 
 
 def test_loop_learns_and_records_every_round():
@@ -67,34 +85,52 @@ def test_stragglers_are_kept_by_fedprox_and_dropped_by_fedavg():
     assert [r["stragglers"] for r in kept.rows] == [r["stragglers"] for r in dropped.rows]
 
 
+def _flip(blob: bytes) -> bytes:
+    return blob[:30] + bytes([blob[30] ^ 0x40]) + blob[31:]
+
+
 @pytest.mark.parametrize(
-    "corrupt",
+    ("corrupt", "overrides", "reason"),
     [
-        lambda a: np.full_like(a, np.nan),
-        lambda a: np.full_like(a, np.inf),
-        lambda a: a.reshape(-1),
-        lambda a: a.astype(np.int32),
+        (_flip, [], "checksum"),
+        (lambda b: b[: len(b) // 2], [], "truncated"),
+        (lambda b: b + b"\0" * 64, [], "oversized"),
+        (_nan_last_value, ["compression.update_bits=32"], "NaN"),
     ],
-    ids=["nan", "inf", "wrong-shape", "wrong-dtype"],
+    ids=["bit-flip", "truncated", "oversized", "nan"],
 )
-def test_a_bad_update_is_rejected_and_the_round_goes_on(corrupt, caplog):
-    outcome, _ = _run([], tamper={i: lambda r: _with_update(r, corrupt) for i in (0, 1)})
+def test_a_bad_update_is_rejected_and_the_round_goes_on(corrupt, overrides, reason, caplog):
+    outcome, _ = _run(overrides,
+                      tamper={i: lambda r, f=corrupt: _with_blob(r, f) for i in (0, 1)})
     rejected = sum(r["rejected"] for r in outcome.rows)
     assert rejected >= 1
+    assert all(r["aggregated"] == r["selected"] - r["rejected"] for r in outcome.rows)
     assert all(np.isfinite(r["loss"]) for r in outcome.rows)
     assert outcome.rows[-1]["loss"] < outcome.initial["loss"]
     assert "rejected update of client" in caplog.text
+    assert reason in caplog.text
 
 
-def test_missing_tensor_and_crash_are_contained(caplog):
-    def drop_tensor(reply: Message) -> Message:
-        record = reply.content[P.ARRAYS]
-        keys = list(record.keys())[:-1]
-        content = RecordDict({P.ARRAYS: ArrayRecord.from_array_dict(
-            {k: Array(record[k].numpy()) for k in keys}), P.METRICS: reply.content[P.METRICS]})
+def test_a_replayed_update_is_rejected(caplog):
+    previous: dict[int, bytes] = {}
+
+    def replay(reply: Message) -> Message:
+        node = reply.metadata.src_node_id
+        old = previous.get(node)
+        previous[node] = _blob(reply)
+        return reply if old is None else _with_blob(reply, lambda _: old)
+
+    outcome, _ = _run(["federation.rounds=6"], tamper={i: replay for i in range(10)})
+    assert sum(r["rejected"] for r in outcome.rows) >= 1
+    assert "stale or replayed" in caplog.text
+
+
+def test_missing_payload_and_crash_are_contained(caplog):
+    def drop_payload(reply: Message) -> Message:
+        content = RecordDict({P.METRICS: reply.content[P.METRICS]})
         return Message(content, reply_to=_original(reply))
 
-    outcome, _ = _run([], tamper={i: drop_tensor for i in (1, 3, 5)}, crash=[2, 4, 6])
+    outcome, _ = _run([], tamper={i: drop_payload for i in (1, 3, 5)}, crash=[2, 4, 6])
     assert sum(r["rejected"] for r in outcome.rows) >= 1
     assert sum(r["failed"] for r in outcome.rows) >= 1
     assert "device crashed" in caplog.text
@@ -110,3 +146,54 @@ def test_deadline_gives_partial_plans_to_slow_devices():
     assert sum(r["aggregated"] for r in outcome.rows) > sum(r["stragglers"] for r in outcome.rows)
     assert all(0 < r["round_time_s"] <= 0.006 + 1e-12 for r in outcome.rows)
     assert all(r["missed_deadline"] == 0 for r in outcome.rows)  # the plans fit the deadline
+
+
+def _has_bitmaps(blob: bytes) -> bool:
+    from fleetfl.compression.codec import CodecError, decode_model
+
+    try:  # without the client's cached mask, a lean blob of a pruned model cannot decode
+        return decode_model(blob, max_bytes=len(blob)).masks_included
+    except CodecError:
+        return False
+
+
+def test_pruned_int8_qat_loop_learns_sends_masks_once_and_compresses():
+    outcome, grid = _run([
+        "task.model=cnn", "federation.rounds=5", "compression.prune_final_sparsity=0.75",
+        "compression.prune_start_round=1", "compression.prune_end_round=3",
+        "compression.update_bits=8", "compression.downlink_bits=8", "compression.qat=true",
+    ])
+    assert outcome.rows[-1]["loss"] < outcome.initial["loss"]
+    assert outcome.rows[-1]["client_train_loss"] < outcome.rows[0]["client_train_loss"]
+    assert [round(r["sparsity"], 2) for r in outcome.rows][2:] == [0.75, 0.75, 0.75]
+    final = dict(zip(outcome.final_arrays.keys(), outcome.final_arrays.to_numpy_ndarrays(),
+                     strict=True))
+    prunable = [w for k, w in final.items() if w.ndim >= 2]
+    zeros = sum(int((w == 0).sum()) for w in prunable) / sum(w.size for w in prunable)
+    assert zeros == pytest.approx(0.75, abs=0.005)
+    # int8 + 75 % sparsity: far fewer bytes than plain Flower's fp32 reply.
+    up = sum(r["uplink_bytes"] for r in outcome.rows[2:])
+    dense = sum(r["dense_uplink_bytes"] for r in outcome.rows[2:])
+    assert dense / up > 10
+    # Bitmaps go out while the mask changes, then only to clients that lack the mask.
+    got_mask: set[int] = set()
+    lean_after_change = 0
+    for msg in (m for m in grid.sent if m.metadata.message_type == "train"):
+        node, rnd = msg.metadata.dst_node_id, int(msg.content[P.CONFIG][P.SERVER_ROUND])
+        full = _has_bitmaps(msg.content[P.PAYLOAD][P.MODEL_BLOB])
+        if rnd in (2, 3):  # the schedule starts at 0 % (round 1: no mask), grows until round 3
+            assert full
+        if rnd > 3:
+            assert full == (node not in got_mask)
+            lean_after_change += not full
+        if rnd >= 3:
+            got_mask.add(node)
+    assert lean_after_change > 0
+
+
+def test_int8_clip_range_adapts_to_the_updates():
+    outcome, _ = _run(["compression.update_bits=8", "compression.initial_clip=10.0",
+                       "federation.rounds=5"])
+    clips = [r["clip"] for r in outcome.rows]
+    assert clips[0] == 10.0 and clips[-1] < clips[0] / 4  # shrinks toward |Δ|'s high quantile
+    assert outcome.rows[-1]["loss"] < outcome.initial["loss"]

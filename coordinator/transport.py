@@ -1,0 +1,131 @@
+"""The coordinator's side of model/update transport: pruning masks, model blobs, updates.
+
+Per round (:meth:`ModelTransport.begin_round`): advance the cubic pruning schedule and, when the
+target sparsity grows, recompute the global magnitude mask on the global model (monotone: pruned
+weights never return); zero the pruned weights; encode the model blob at ``downlink_bits``, once
+without and once with the mask bitmaps (sent only to clients that may not hold this mask yet).
+Per reply (:meth:`decode_update`): validate the update blob against exactly what this round
+expects (names, shapes, unpruned counts, dtype, the shared int8 scale, round, mask id) and
+dequantize it. At the end (:meth:`end_round`): set the next round's shared clip range from the
+cohort's summed tail counts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from fleetfl.compression.codec import decode_update, encode_model, expect_update, update_size
+from fleetfl.compression.masks import (
+    apply_masks_,
+    cubic_sparsity,
+    global_magnitude_masks,
+    mask_id,
+    prunable,
+    sparsity_of,
+)
+from fleetfl.compression.quantize import (
+    TailCounts,
+    clip_from_stats,
+    dequantize_int8,
+    empty_tail,
+    int8_scale,
+    quantize_model,
+)
+
+
+@dataclass(frozen=True)
+class TransportSettings:
+    """The ``[compression]`` knobs the coordinator acts on."""
+
+    prune_final_sparsity: float = 0.0
+    prune_start_round: int = 1
+    prune_end_round: int = 10
+    update_bits: int = 32
+    downlink_bits: int = 32
+    initial_clip: float = 0.05
+    clip_target: float = 1e-3
+
+
+class ModelTransport:
+    """Masks, clip range and blobs of the global model; which client holds which mask."""
+
+    def __init__(self, settings: TransportSettings, shapes: Mapping[str, Sequence[int]]) -> None:
+        self.settings = settings
+        self.shapes = {k: tuple(int(d) for d in v) for k, v in shapes.items()}
+        self.masks: dict[str, np.ndarray] = {}
+        self.mask_id = mask_id({})
+        self.clip = settings.initial_clip
+        self._holds: dict[int, int] = {}  # node id -> mask id it last acknowledged
+        self._blobs: tuple[bytes, bytes] = (b"", b"")
+        self._round = 0
+        self._tail = empty_tail()
+
+    def begin_round(self, server_round: int, weights: dict[str, np.ndarray]) -> None:
+        """Prune ``weights`` in place per the schedule and encode this round's model blobs."""
+        s = self.settings
+        target = cubic_sparsity(server_round, start_round=s.prune_start_round,
+                                end_round=s.prune_end_round,
+                                final_sparsity=s.prune_final_sparsity)
+        if target > sparsity_of(self.masks):
+            names = prunable(list(weights), [w.shape for w in weights.values()])
+            self.masks = global_magnitude_masks(weights, target, names,
+                                                previous=self.masks or None)
+            self.mask_id = mask_id(self.masks)
+        apply_masks_(weights, self.masks)
+        arrays, scales = quantize_model(weights, s.downlink_bits)
+        lean = encode_model(arrays, round=server_round, scales=scales, masks=self.masks)
+        full = encode_model(arrays, round=server_round, scales=scales, masks=self.masks,
+                            include_masks=bool(self.masks))
+        self._blobs, self._round, self._tail = (lean, full), server_round, empty_tail()
+
+    def model_blob(self, node_id: int) -> bytes:
+        """This round's model blob for ``node_id``: with bitmaps unless it holds the mask."""
+        lean, full = self._blobs
+        return lean if self._holds.get(node_id) == self.mask_id else full
+
+    def decode_update(self, node_id: int, blob: bytes,
+                      tail: Sequence[int]) -> dict[str, np.ndarray]:
+        """Validate and dequantize one client's update (float32 Δ, full shapes).
+
+        Raises ``ValueError`` (``CodecError`` for the blob) naming the problem; on success the
+        client is known to hold this round's mask and its tail counts join the cohort's.
+        """
+        int8 = self.settings.update_bits == 8
+        expected = expect_update(self.shapes, self.masks,
+                                 dtype=np.int8 if int8 else np.float32,
+                                 scale=int8_scale(self.clip) if int8 else None)
+        update = decode_update(blob, max_bytes=update_size(expected), expected=expected,
+                               expected_round=self._round, expected_mask_id=self.mask_id)
+        counts = TailCounts.from_list(tail) if int8 else empty_tail()
+        kept = sum(e.count for e in expected.values())
+        if int8 and counts.total != kept:
+            raise ValueError(f"clip-tail counts {counts.total} values, the update has {kept}")
+        delta = {}
+        for name in self.shapes:
+            dense = update.dense(name, self.masks.get(name))
+            delta[name] = dequantize_int8(dense, self.clip) if int8 else dense
+        self._holds[node_id] = self.mask_id
+        self._tail = self._tail + counts
+        return delta
+
+    def forget(self, node_id: int) -> None:
+        """``node_id`` failed: it may have lost its cached mask, so resend the bitmaps."""
+        self._holds.pop(node_id, None)
+
+    def end_round(self) -> None:
+        """Adapt the shared int8 clip range to this round's cohort (int8 transport only)."""
+        if self.settings.update_bits == 8:
+            self.clip = clip_from_stats(self.clip, self._tail, target=self.settings.clip_target)
+
+    @property
+    def sparsity(self) -> float:
+        """Fraction of prunable weights currently pruned."""
+        return sparsity_of(self.masks)
+
+    def max_update_bytes(self) -> int:
+        """Exact size of this round's update blob (the uplink's payload)."""
+        dtype = np.int8 if self.settings.update_bits == 8 else np.float32
+        return update_size(expect_update(self.shapes, self.masks, dtype=dtype))
