@@ -60,9 +60,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("runs/bench/fedprox"))
     args = parser.parse_args()
-    table, curves = [], {}
-    for frac in STRAGGLERS:
-        curves[f"{frac:.0%}"] = {}
+    table, curves = [], {f"{frac:.0%}": {} for frac in STRAGGLERS}
+    # Most telling setting first; the JSON is rewritten after every run, so a partial sweep
+    # still leaves its measured rows behind.
+    for frac in sorted(STRAGGLERS, reverse=True):
         for method, overrides in METHODS.items():
             out = args.out / f"s{int(frac * 100)}-{method.replace(' ', '').replace('=', '')}"
             summary, rows = simulate(base(args.rounds, args.seed) + overrides
@@ -77,10 +78,14 @@ def main() -> None:
                 "final_train_loss": summary["final_train_loss"],
                 "mean_train_loss_last10": sum(r["train_loss"] for r in tail) / len(tail),
                 "dropped_stragglers": summary["dropped_stragglers_total"],
+                "failed": summary["failed_total"],
                 "wall_time_s": summary["wall_time_s"],
             })
+            emit("fedprox_stragglers", {"rounds": args.rounds, "seed": args.seed,
+                                        "complete": False, "results": table})
     plot(curves, RESULTS / "fedprox_stragglers.png")
-    emit("fedprox_stragglers", {"rounds": args.rounds, "seed": args.seed, "results": table})
+    emit("fedprox_stragglers", {"rounds": args.rounds, "seed": args.seed, "complete": True,
+                                "results": table})
 
 
 if __name__ == "__main__":
