@@ -19,7 +19,9 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def simulate(overrides: list[str], out: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Run ``fleetfl simulate --set ... --out out``; return (summary, per-round rows)."""
-    cmd = [sys.executable, "-m", "fleetfl.coordinator.cli", "simulate", "--no-progress",
+    # -P: do not put the working directory on sys.path, where the repository's bare `fleetfl/`
+    # folder would shadow a non-editable install of the package.
+    cmd = [sys.executable, "-P", "-m", "fleetfl.coordinator.cli", "simulate", "--no-progress",
            "--out", str(out)]
     for item in overrides:
         cmd += ["--set", item]
