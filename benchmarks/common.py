@@ -19,14 +19,16 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def simulate(overrides: list[str], out: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Run ``fleetfl simulate --set ... --out out``; return (summary, per-round rows)."""
-    # -P: do not put the working directory on sys.path, where the repository's bare `fleetfl/`
-    # folder would shadow a non-editable install of the package.
-    cmd = [sys.executable, "-P", "-m", "fleetfl.coordinator.cli", "simulate", "--no-progress",
+    # Run from the output directory: in a repository checkout, the bare `fleetfl/` folder on the
+    # working directory would shadow a non-editable install, in this process and in Ray's workers.
+    out = out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "fleetfl.coordinator.cli", "simulate", "--no-progress",
            "--out", str(out)]
     for item in overrides:
         cmd += ["--set", item]
     started = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=out)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
     summary = json.loads((out / "summary.json").read_text())

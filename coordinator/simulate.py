@@ -80,6 +80,9 @@ def simulate(config: Config, *, verbose: bool = False, console: Console | None =
             backend_config=backend_config(config, verbose),  # type: ignore[arg-type]
             verbose_logging=verbose,
         )
+    if outcome.clients_total == 0:
+        raise RuntimeError("no simulated client registered, so nothing was trained; the "
+                           "warnings above give each client's error")
     if len(outcome.rows) < config.federation.rounds:
         raise RuntimeError(
             f"the simulation stopped after {len(outcome.rows)} of {config.federation.rounds} "
