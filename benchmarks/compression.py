@@ -1,8 +1,9 @@
 """Uplink/downlink bytes vs accuracy for compressed updates (issue 3's table).
 
 Digits CNN, 20 clients with Dirichlet(0.5) label skew, 10 per round, 60 rounds, the same seeds
-for every variant: dense fp32 (plain float32 updates and model), int8 updates + int8 model,
-75 % pruned + int8, 90 % pruned + int8 (cubic schedule from round 2 to round 20). Bytes come
+for every variant: dense fp32 (plain float32 updates and model, no entropy coding), int8
+updates + int8 model, 50/75/90 % pruned + int8 (cubic schedule from round 2 to round 20); the
+int8 variants zlib their blobs (lossless, ``compression.entropy_coding``). Bytes come
 from the serialized Flower messages; "dense fp32 reply" is the plain-Flower reply (fp32
 ArrayRecord of the model + metrics) for the same client-rounds.
 
@@ -17,8 +18,11 @@ from pathlib import Path
 from benchmarks.common import emit, simulate
 
 VARIANTS = {
-    "dense fp32": ["compression.update_bits=32", "compression.downlink_bits=32"],
+    "dense fp32": ["compression.update_bits=32", "compression.downlink_bits=32",
+                   "compression.entropy_coding=false"],
     "int8": ["compression.update_bits=8", "compression.downlink_bits=8"],
+    "50% pruned + int8": ["compression.update_bits=8", "compression.downlink_bits=8",
+                          "compression.prune_final_sparsity=0.5"],
     "75% pruned + int8": ["compression.update_bits=8", "compression.downlink_bits=8",
                           "compression.prune_final_sparsity=0.75"],
     "90% pruned + int8": ["compression.update_bits=8", "compression.downlink_bits=8",

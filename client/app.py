@@ -76,7 +76,8 @@ def train(msg: Message, context: Context) -> Message:
     blob, tail = pack_update(
         weights, received, bits=int(cfg["compression.update_bits"]), clip=float(cfg[P.CLIP]),
         error_feedback=bool(cfg["compression.error_feedback"]),
-        rng=np.random.default_rng([local.seed, local.index, server_round]), state=context.state)
+        rng=np.random.default_rng([local.seed, local.index, server_round]), state=context.state,
+        entropy_coding=bool(cfg["compression.entropy_coding"]))
     metrics = MetricRecord(
         {
             P.NUM_EXAMPLES: len(local.y_train),

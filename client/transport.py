@@ -65,13 +65,13 @@ def receive_model(blob: bytes, shapes: Mapping[str, tuple[int, ...]], server_rou
 
 def pack_update(local: Mapping[str, np.ndarray], received: ReceivedModel, *, bits: int,
                 clip: float, error_feedback: bool, rng: np.random.Generator,
-                state: RecordDict) -> tuple[bytes, TailCounts]:
+                state: RecordDict, entropy_coding: bool = False) -> tuple[bytes, TailCounts]:
     """Encode Δ = local − received as the update blob; returns (blob, int8 tail counts)."""
     delta = {k: (np.asarray(v, np.float32) - received.weights[k]) for k, v in local.items()}
     masks = received.masks
     if bits == 32:
         blob = encode_update(delta, round=received.server_round, mask_id=received.mask_id,
-                             scales={}, masks=masks)
+                             scales={}, masks=masks, entropy_coding=entropy_coding)
         return blob, empty_tail()
     if error_feedback:
         feedback = ErrorFeedback()
@@ -82,7 +82,8 @@ def pack_update(local: Mapping[str, np.ndarray], received: ReceivedModel, *, bit
         q, tail = _quantize_plain(delta, masks, clip, rng)
     scale = int8_scale(clip)
     blob = encode_update(q, round=received.server_round, mask_id=received.mask_id,
-                         scales=dict.fromkeys(q, scale), masks=masks)
+                         scales=dict.fromkeys(q, scale), masks=masks,
+                         entropy_coding=entropy_coding)
     return blob, tail
 
 

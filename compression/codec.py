@@ -36,6 +36,15 @@ sparse tensors, scales or checksum). The format is twenty lines of fixed layout 
 or Swift client can implement from the table above, and the decoder checks every length against
 the bytes actually present before reading, so no new dependency is worth it.
 
+**Entropy coding (optional envelope).** ``encode_*(..., entropy_coding=True)`` wraps the blob
+as ``b"FLFZ" | u8 version (1) | zlib stream of the whole blob above``. Lossless; int8 updates are
+heavy-tailed (most values near 0), so zlib shrinks them 2.2-2.9x (measured on digits CNN
+updates), float32 barely. Decoders accept both forms. The inflated size is bounded by
+``max_bytes`` *while* inflating (``decompressobj.decompress(max_length=...)``), so a
+decompression bomb fails fast. zlib (stdlib) over lzma (~15 % smaller, several times slower on a
+Pi) and zstd (not in the 3.11 stdlib): it is everywhere, including Android/iOS. Securely masked
+vectors are uniformly random and incompressible: do not entropy-code those.
+
 Decoding raises :class:`CodecError` (a ``ValueError``) naming the first problem: oversized
 (checked before anything is parsed), truncated, trailing bytes, bad magic, unsupported version,
 wrong kind, malformed specs, checksum mismatch, wrong round or mask id, tensor names / shapes /
@@ -59,6 +68,9 @@ from fleetfl.compression import masks as pruning
 
 MAGIC = b"FLFL"
 VERSION = 1
+ZMAGIC = b"FLFZ"  # entropy-coded envelope around a blob
+ZVERSION = 1
+_ZLIB_LEVEL = 6  # zlib's default: within ~2 % of level 9 on updates, several times faster
 KIND_UPDATE, KIND_MODEL = 1, 2
 MAX_NDIM = 8
 DEFAULT_MAX_ELEMENTS = 1 << 28  # per tensor, dense: 1 GiB of float32
@@ -139,6 +151,7 @@ def encode_update(
     mask_id: int,
     scales: Mapping[str, float],
     masks: Mapping[str, np.ndarray] | None = None,
+    entropy_coding: bool = False,
 ) -> bytes:
     """Encode a client update. ``tensors`` are full-shape arrays (int8, float16/32, uint16/32).
 
@@ -149,7 +162,8 @@ def encode_update(
     masks = masks or {}
     if masks and mask_id != pruning.mask_id(masks):
         raise ValueError("mask_id does not match the masks the update is sparse under")
-    return _encode(KIND_UPDATE, tensors, round, mask_id, scales, masks, {})
+    blob = _encode(KIND_UPDATE, tensors, round, mask_id, scales, masks, {})
+    return entropy_encode(blob) if entropy_coding else blob
 
 
 def encode_model(
@@ -159,6 +173,7 @@ def encode_model(
     scales: Mapping[str, float],
     masks: Mapping[str, np.ndarray] | None = None,
     include_masks: bool = False,
+    entropy_coding: bool = False,
 ) -> bytes:
     """Encode the global model, sparse under ``masks`` (mask id computed from them).
 
@@ -167,7 +182,39 @@ def encode_model(
     """
     masks = masks or {}
     bitmaps = pruning.pack_masks(masks) if include_masks else {}
-    return _encode(KIND_MODEL, tensors, round, pruning.mask_id(masks), scales, masks, bitmaps)
+    blob = _encode(KIND_MODEL, tensors, round, pruning.mask_id(masks), scales, masks, bitmaps)
+    return entropy_encode(blob) if entropy_coding else blob
+
+
+def entropy_encode(blob: bytes) -> bytes:
+    """Wrap ``blob`` in the lossless zlib envelope (see the module docstring)."""
+    return ZMAGIC + bytes([ZVERSION]) + zlib.compress(blob, _ZLIB_LEVEL)
+
+
+def entropy_decode(data: Any, max_bytes: int) -> bytes:
+    """Unwrap an envelope, never inflating past ``max_bytes``; plain blobs pass through."""
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise CodecError(f"expected bytes, got {type(data).__name__}")
+    data = bytes(data)
+    if not data.startswith(ZMAGIC):
+        return data
+    # zlib adds at most ~0.03 % + a few bytes to incompressible input.
+    if len(data) > max_bytes + max_bytes // 1000 + 64:
+        raise CodecError(f"oversized: {len(data)} compressed bytes > limit {max_bytes}")
+    if len(data) < len(ZMAGIC) + 1 or data[len(ZMAGIC)] != ZVERSION:
+        raise CodecError("unsupported or truncated entropy-coding envelope")
+    inflater = zlib.decompressobj()
+    try:
+        blob = inflater.decompress(data[len(ZMAGIC) + 1 :], max_bytes + 1)
+    except zlib.error as err:
+        raise CodecError(f"corrupt entropy-coded stream: {err}") from None
+    if len(blob) > max_bytes:
+        raise CodecError(f"oversized: inflates past the limit of {max_bytes} bytes")
+    if not inflater.eof:
+        raise CodecError("truncated entropy-coded stream")
+    if inflater.unused_data:
+        raise CodecError(f"{len(inflater.unused_data)} trailing bytes after the zlib stream")
+    return blob
 
 
 def _encode(kind: int, tensors: Mapping[str, np.ndarray], server_round: int, mid: int,
@@ -383,6 +430,7 @@ def decode_update(
     same names, shapes, dtypes, stored counts (and f32 scales if given). ``max_bytes`` bounds
     the blob before parsing (``update_size(expected)`` is the exact size).
     """
+    blob = entropy_decode(blob, max_bytes)
     server_round, mid, specs, arrays = _parse(blob, KIND_UPDATE, max_bytes, max_elements)
     _unique(specs)
     if any(s.bitmap for s in specs):
@@ -431,6 +479,7 @@ def decode_model(
     must then hold exactly its mask's kept count, or all its elements if unmasked.
     ``expected_shapes`` (name -> shape), if given, must match names and shapes exactly.
     """
+    blob = entropy_decode(blob, max_bytes)
     server_round, mid, specs, arrays = _parse(blob, KIND_MODEL, max_bytes, max_elements)
     _unique(specs)
     _check_header("model", server_round, mid, expected_round, None)

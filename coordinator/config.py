@@ -142,6 +142,7 @@ class CompressionConfig:
     downlink_bits: int = _f(32, "global model precision on the downlink: 8, 16 or 32")
     error_feedback: bool = _f(True, "clients re-send int8 rounding/clipping error next round")
     qat: bool = _f(False, "fake-quant (per-channel int8 weights) during local training")
+    entropy_coding: bool = _f(True, "zlib the update and model blobs (lossless)")
     initial_clip: float = _f(0.05, "shared int8 clip range of round 1; adapted every round")
     clip_target: float = _f(1e-3, "fraction of update values the adapted clip range may clip")
 

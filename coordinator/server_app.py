@@ -45,7 +45,8 @@ def message_config(config: Config) -> ConfigRecord:
     """The settings every client needs, as one flat ``ConfigRecord``."""
     flat = to_run_config(config)
     keep = ("task.", "fleet.mix", "fleet.seed", "federation.num_clients",
-            "compression.update_bits", "compression.error_feedback", "compression.qat")
+            "compression.update_bits", "compression.error_feedback", "compression.qat",
+            "compression.entropy_coding")
     cfg = {k: v for k, v in flat.items() if k.startswith(keep)}
     cfg[P.LR] = config.federation.lr
     return ConfigRecord(cfg)
@@ -82,6 +83,7 @@ def run_rounds(grid: Grid, config: Config, outcome: RunOutcome,
             downlink_bits=comp.downlink_bits,
             initial_clip=comp.initial_clip,
             clip_target=comp.clip_target,
+            entropy_coding=comp.entropy_coding,
         ),
         {k: tuple(v.shape) for k, v in model.state_dict().items()},
     )

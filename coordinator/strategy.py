@@ -65,7 +65,6 @@ class RoundStats:
     received: int = 0  # replies that carried an update (their bytes count as uplink)
     uplink_bytes: int = 0
     dense_uplink_bytes: int = 0  # what the same replies would be as plain Flower fp32 records
-    max_uplink_bytes: int = 0  # largest single reply, for next round's transfer-time plan
     downlink_bytes: int = 0
     round_time_s: float = 0.0  # simulated: slowest client waited for, capped by the deadline
     client_train_loss: float = math.nan  # example-weighted mean of the clients' local losses
@@ -158,10 +157,11 @@ class FleetFedProx(FedProx):
         return P.record_bytes(RecordDict({P.CONFIG: probe, P.PAYLOAD: blob}))
 
     def _uplink_estimate(self) -> int:
-        """Largest reply of the previous round, else the update bound plus metrics."""
-        last = self.history[-1] if self.history else None
-        if last is not None and last.max_uplink_bytes:
-            return last.max_uplink_bytes
+        """An upper bound of a reply: the largest update blob of this round plus metrics.
+
+        A bound rather than last round's sizes, because entropy-coded updates vary in size and
+        a plan must keep a slow device inside the deadline.
+        """
         return self.transport.max_update_bytes() + _METRICS_ALLOWANCE_BYTES
 
     def aggregate_train(
@@ -187,7 +187,6 @@ class FleetFedProx(FedProx):
                 continue
             up = P.record_bytes(msg.content)
             stats.uplink_bytes += up
-            stats.max_uplink_bytes = max(stats.max_uplink_bytes, up)
             stats.received += 1
             stats.dense_uplink_bytes += self._dense_reply_bytes
             try:

@@ -47,6 +47,7 @@ class TransportSettings:
     downlink_bits: int = 32
     initial_clip: float = 0.05
     clip_target: float = 1e-3
+    entropy_coding: bool = True
 
 
 class ModelTransport:
@@ -76,9 +77,11 @@ class ModelTransport:
             self.mask_id = mask_id(self.masks)
         apply_masks_(weights, self.masks)
         arrays, scales = quantize_model(weights, s.downlink_bits)
-        lean = encode_model(arrays, round=server_round, scales=scales, masks=self.masks)
+        zipped = s.entropy_coding
+        lean = encode_model(arrays, round=server_round, scales=scales, masks=self.masks,
+                            entropy_coding=zipped)
         full = encode_model(arrays, round=server_round, scales=scales, masks=self.masks,
-                            include_masks=bool(self.masks))
+                            include_masks=bool(self.masks), entropy_coding=zipped)
         self._blobs, self._round, self._tail = (lean, full), server_round, empty_tail()
 
     def model_blob(self, node_id: int) -> bytes:
@@ -126,6 +129,8 @@ class ModelTransport:
         return sparsity_of(self.masks)
 
     def max_update_bytes(self) -> int:
-        """Exact size of this round's update blob (the uplink's payload)."""
+        """Largest update blob of this round: its exact plain size, plus zlib's worst case."""
         dtype = np.int8 if self.settings.update_bits == 8 else np.float32
-        return update_size(expect_update(self.shapes, self.masks, dtype=dtype))
+        size = update_size(expect_update(self.shapes, self.masks, dtype=dtype))
+        # zlib never grows its input by more than ~0.03 % + a few bytes; the envelope adds 5.
+        return size + size // 1000 + 64 if self.settings.entropy_coding else size

@@ -356,3 +356,45 @@ def test_fuzz_past_the_checksum_never_raises_anything_but_codec_error(data, mode
     bad = bytes(bad[: len(bad) - cut]) + data.draw(st.binary(max_size=8))
     with contextlib.suppress(CodecError):
         decode(bad + struct.pack("<I", zlib.crc32(bad)), max_bytes=MB)
+
+
+# ------------------------------------------------------------------ entropy-coding envelope
+
+
+def _int8_update(n: int = 5000, seed: int = 0) -> tuple[dict, bytes, bytes]:
+    from fleetfl.compression.quantize import int8_scale, quantize_int8
+
+    rng = np.random.default_rng(seed)
+    # Heavy-tailed, most values a few int8 steps from 0, as the adapted clip range makes them.
+    delta = (rng.standard_t(3, n) * 0.001).astype(np.float32)
+    q = {"w": quantize_int8(delta, 0.05, rng)}
+    args = dict(round=3, mask_id=0, scales={"w": int8_scale(0.05)})
+    return q, encode_update(q, **args), encode_update(q, **args, entropy_coding=True)
+
+
+def test_entropy_coding_is_lossless_and_smaller():
+    q, plain, packed = _int8_update()
+    assert len(packed) < 0.6 * len(plain)
+    exp = {"w": ((5000,), np.int8, 5000)}
+    a = decode_update(plain, max_bytes=update_size(exp), expected=exp)
+    b = decode_update(packed, max_bytes=update_size(exp), expected=exp)
+    np.testing.assert_array_equal(a.values["w"], b.values["w"])
+    np.testing.assert_array_equal(b.values["w"], q["w"])
+
+
+def test_entropy_envelope_rejects_bombs_corruption_and_trailing_bytes():
+    import zlib
+
+    _, plain, packed = _int8_update()
+    exp = {"w": ((5000,), np.int8, 5000)}
+    limit = update_size(exp)
+    bomb = b"FLFZ\x01" + zlib.compress(b"\0" * (100 * limit))
+    for bad, reason in [
+        (bomb, "inflates past"),
+        (packed[:-7], "truncated"),
+        (packed + b"junk", "trailing"),
+        (packed[:5] + bytes([packed[5] ^ 0xFF]) + packed[6:], "corrupt"),
+        (b"FLFZ\x02" + packed[5:], "unsupported"),
+    ]:
+        with pytest.raises(CodecError, match=reason):
+            decode_update(bad, max_bytes=limit, expected=exp)
