@@ -13,7 +13,7 @@ $(PY):
 
 $(VENV)/.installed: pyproject.toml | $(PY)
 	$(PIP) install -q $(TORCH_PIN)
-	$(PIP) install -q -e .
+	$(PIP) install -q -e ".[coordinator]"
 	touch $@
 
 $(VENV)/.installed-dev: pyproject.toml | $(PY)

@@ -1,25 +1,54 @@
 """What a client holds locally: its data shard, its device profile and how to build its model.
 
-A simulated client derives both from the run's task and fleet settings and its
-``partition-id``; loading is memoized because Flower's simulation engine calls the ClientApp
-many times in one worker process.
+Two kinds of client, told apart by the SuperNode's ``node_config``:
+
+* **simulated** (``partition-id``): data and device derive from the run's task and fleet
+  settings; loading is memoized because Flower's simulation engine calls the ClientApp many
+  times in one worker process.
+* **real device** (``data-path``): data from the ``.npz`` file at ``data-path``
+  (:mod:`fleetfl.client.data_format`), device from ``device``: a catalog profile name, the path
+  of a JSON profile file (what ``fleetfl client start`` writes), inline JSON, or ``auto``
+  (probe once, cached in ``$FLEETFL_DEVICE_CACHE`` or ``~/.cache/fleetfl/device.json``).
+  ``client-index`` optionally fixes the client's index in the fleet.
+
+A deployed SuperNode starts a fresh process for every message, so this module imports no torch
+and no scikit-learn at module level: the ``register`` query needs only numpy.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import os
+import socket
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import nn
+import numpy as np
 
-from fleetfl.devices.fleet import build_fleet
-from fleetfl.devices.profiles import DeviceProfile
-from fleetfl.tasks.models import build_model
-from fleetfl.tasks.registry import load_federated
+from fleetfl.client.data_format import check_task, load_npz
+from fleetfl.devices.profiles import DeviceProfile, get_profile
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+DATA_PATH = "data-path"
+DEVICE = "device"
+CLIENT_INDEX = "client-index"
+PARTITION_ID = "partition-id"
+AUTO = "auto"
+
+# (input_shape, num_classes) of the built-in datasets, as tasks/digits.py and tasks/synthetic.py
+# make them. Kept here so a device never imports scikit-learn to learn two numbers;
+# tests/test_local_device.py checks they agree with the generators.
+TASK_SPECS: dict[str, tuple[tuple[int, ...], int]] = {
+    "digits": ((1, 8, 8), 10),
+    "synthetic": ((60,), 10),
+}
 
 
 @dataclass(frozen=True)
@@ -59,31 +88,137 @@ def task_settings(cfg: Mapping[str, Any]) -> TaskSettings:
 
 @dataclass(frozen=True)
 class LocalTask:
-    """One client's data (as torch tensors), device profile and model factory."""
+    """One client's data (numpy; torch views on demand), device profile and model factory."""
 
     index: int
     device: DeviceProfile
-    x_train: torch.Tensor
-    y_train: torch.Tensor
+    x: np.ndarray  # float32, (n, *input_shape)
+    y: np.ndarray  # int64, (n,)
     model_name: str
     input_shape: tuple[int, ...]
     num_classes: int
     seed: int
 
+    @property
+    def num_examples(self) -> int:
+        """Number of local training examples."""
+        return len(self.y)
+
+    @property
+    def x_train(self) -> torch.Tensor:
+        """The examples as a torch tensor (zero-copy view)."""
+        import torch
+
+        return torch.from_numpy(self.x)
+
+    @property
+    def y_train(self) -> torch.Tensor:
+        """The labels as a torch tensor (zero-copy view)."""
+        import torch
+
+        return torch.from_numpy(self.y)
+
     def fresh_model(self) -> nn.Module:
         """A model of the task's architecture (weights are overwritten by the global model)."""
+        from fleetfl.tasks.models import build_model
+
         return build_model(self.model_name, self.input_shape, self.num_classes, seed=self.seed)
 
 
 def load_local_task(settings: TaskSettings, node_config: Mapping[str, Any]) -> LocalTask:
-    """The :class:`LocalTask` of the simulated client ``node_config["partition-id"]``."""
-    if "partition-id" not in node_config:
-        raise ValueError("node_config has no 'partition-id': this client has no local data")
-    return _load_partition(settings, int(node_config["partition-id"]))
+    """This client's :class:`LocalTask`: a real device's (``data-path``) or a simulated one."""
+    if DATA_PATH in node_config:
+        index = node_config.get(CLIENT_INDEX)
+        return _load_device(settings, str(node_config[DATA_PATH]),
+                            str(node_config.get(DEVICE, AUTO)),
+                            None if index is None else int(index))
+    if PARTITION_ID not in node_config:
+        raise ValueError(f"node_config has neither '{DATA_PATH}' (a real device's data file) "
+                         f"nor '{PARTITION_ID}' (a simulated client): this client has no data")
+    return _load_partition(settings, int(node_config[PARTITION_ID]))
+
+
+def _load_device(settings: TaskSettings, data_path: str, device: str,
+                 index: int | None) -> LocalTask:
+    if settings.dataset not in TASK_SPECS:
+        raise ValueError(f"task.dataset {settings.dataset!r} has no known input shape; "
+                         f"known: {', '.join(TASK_SPECS)}")
+    input_shape, num_classes = TASK_SPECS[settings.dataset]
+    data = load_npz(data_path)
+    check_task(data, data_path, input_shape, num_classes)
+    return LocalTask(
+        index=default_index(data_path) if index is None else index,
+        device=resolve_device(device),
+        x=data.x,
+        y=data.y,
+        model_name=settings.model,
+        input_shape=input_shape,
+        num_classes=num_classes,
+        seed=settings.seed,
+    )
+
+
+def default_index(data_path: str) -> int:
+    """A stable fleet index for a device without ``client-index``: a hash of host and path."""
+    key = f"{socket.gethostname()}:{Path(data_path).expanduser().resolve()}"
+    return zlib.crc32(key.encode()) & 0x7FFFFFFF
+
+
+def device_cache_path() -> Path:
+    """Where ``auto`` keeps the probed profile (``$FLEETFL_DEVICE_CACHE`` overrides)."""
+    env = os.environ.get("FLEETFL_DEVICE_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "fleetfl" / "device.json"
+
+
+def resolve_device(spec: str) -> DeviceProfile:
+    """A profile from a catalog name, a JSON file path, inline JSON or ``auto`` (probed)."""
+    spec = spec.strip()
+    if spec in ("", AUTO):
+        return probed_profile(device_cache_path())
+    if spec.startswith("{"):
+        return _profile_from_json(spec, "inline device JSON")
+    if spec.endswith(".json") or os.sep in spec:
+        path = Path(spec).expanduser()
+        try:
+            text = path.read_text()
+        except OSError as err:
+            raise ValueError(f"device profile file {path}: {err.strerror or err}") from None
+        return _profile_from_json(text, str(path))
+    return get_profile(spec)
+
+
+def _profile_from_json(text: str, where: str) -> DeviceProfile:
+    try:
+        return DeviceProfile.from_dict(json.loads(text))
+    except (json.JSONDecodeError, TypeError, ValueError) as err:
+        raise ValueError(f"{where}: not a valid device profile: {err}") from None
+
+
+def probed_profile(cache: Path, seconds: float = 1.0) -> DeviceProfile:
+    """The cached probe result, probing this machine (``seconds`` of benchmark) if needed."""
+    if cache.is_file():
+        return _profile_from_json(cache.read_text(), str(cache))
+    from fleetfl.devices.probe import probe
+
+    profile = probe(seconds)
+    write_profile(cache, profile)
+    return profile
+
+
+def write_profile(path: Path, profile: DeviceProfile) -> Path:
+    """Write ``profile`` as JSON atomically (ClientApp processes may read it concurrently)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(profile.to_dict(), indent=2))
+    os.replace(tmp, path)
+    return path
 
 
 @functools.lru_cache(maxsize=8)
 def _load_partition(settings: TaskSettings, index: int) -> LocalTask:
+    from fleetfl.devices.fleet import build_fleet
+    from fleetfl.tasks.registry import load_federated
+
     data = load_federated(
         settings.dataset,
         num_clients=settings.num_clients,
@@ -100,8 +235,8 @@ def _load_partition(settings: TaskSettings, index: int) -> LocalTask:
     return LocalTask(
         index=index,
         device=fleet[index],
-        x_train=torch.from_numpy(train.x),
-        y_train=torch.from_numpy(train.y),
+        x=train.x,
+        y=train.y,
         model_name=settings.model,
         input_shape=data.input_shape,
         num_classes=data.num_classes,

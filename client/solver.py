@@ -64,13 +64,17 @@ def fedprox_train(
     steps: int,
     seed: int,
     post_step: Callable[[], None] | None = None,
+    micro_batch: int | None = None,
+    checkpointing: bool = False,
 ) -> SolverResult:
     """Run ``steps`` SGD steps of the FedProx objective on ``(x, y)``, in place on ``model``.
 
     The anchor w^t is the model's parameters on entry. Mini-batches walk through a fresh seeded
     permutation each epoch, so a straggler's partial work is a prefix of the full work.
     ``post_step`` runs after every step (e.g. re-applying pruning masks so pruned weights stay
-    exactly zero).
+    exactly zero). A memory plan (``fleetfl.devices.memory_planner``) may set ``micro_batch``:
+    each batch then runs in passes of at most that many samples whose gradients add up to the
+    batch's; and ``checkpointing``: the model's ``set_checkpointing`` is on for the run.
     """
     n = len(y)
     if n == 0 or steps <= 0:
@@ -80,6 +84,8 @@ def fedprox_train(
     loss_fn = nn.CrossEntropyLoss()
     gen = torch.Generator().manual_seed(seed)
     model.train()
+    if checkpointing:
+        model.set_checkpointing(True)  # type: ignore[operator]
     losses = torch.zeros(steps)
     samples, done = 0, 0
     while done < steps:
@@ -88,8 +94,11 @@ def fedprox_train(
             idx = order[start : start + batch_size]
             for p in params:
                 p.grad = None
-            loss = loss_fn(model(x[idx]), y[idx])
-            loss.backward()
+            if micro_batch is None or micro_batch >= len(idx):
+                loss = loss_fn(model(x[idx]), y[idx])
+                loss.backward()
+            else:
+                loss = _accumulate_gradients(model, loss_fn, x, y, idx, micro_batch)
             if mu > 0:
                 add_proximal_gradient_(params, anchor, mu)
             sgd_step_(params, lr)
@@ -100,4 +109,29 @@ def fedprox_train(
             done += 1
             if done == steps:
                 break
+    if checkpointing:
+        model.set_checkpointing(False)  # type: ignore[operator]
     return SolverResult(steps=done, samples=samples, mean_loss=float(losses.mean()))
+
+
+def _accumulate_gradients(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    idx: torch.Tensor,
+    micro_batch: int,
+) -> torch.Tensor:
+    """Backward of the batch ``idx``'s mean loss, in passes of ``micro_batch`` samples.
+
+    Each pass's mean loss is weighted by its share of the batch, so the accumulated gradient
+    is the whole batch's (up to float rounding; batch norm sees each pass's statistics).
+    Returns the batch's mean loss, detached.
+    """
+    total = torch.zeros(())
+    for start in range(0, len(idx), micro_batch):
+        part = idx[start : start + micro_batch]
+        loss = loss_fn(model(x[part]), y[part]) * (len(part) / len(idx))
+        loss.backward()
+        total += loss.detach()
+    return total

@@ -53,10 +53,10 @@ def fake_quant_weight(weight: torch.Tensor) -> torch.Tensor:
     The scale of channel c is ``max|w_c| / 127``; it is recomputed from the current weights
     each call and not differentiated (as a per-channel min/max observer would).
     """
-    reduce_dims = tuple(range(1, weight.dim()))
-    amax = weight.detach().abs().amax(dim=reduce_dims) if reduce_dims else weight.detach().abs()
-    scale = (amax / WEIGHT_QMAX).clamp_min(_MIN_SCALE).float()
-    zero_point = torch.zeros_like(scale, dtype=torch.int32)
+    w = weight.detach()
+    amax = torch.linalg.vector_norm(w.reshape(len(w), -1), ord=float("inf"), dim=1)
+    scale = (amax * (1.0 / WEIGHT_QMAX)).clamp_min_(_MIN_SCALE).float()
+    zero_point = torch.zeros(len(w), dtype=torch.int32, device=w.device)
     return torch.fake_quantize_per_channel_affine(
         weight, scale, zero_point, 0, WEIGHT_QMIN, WEIGHT_QMAX
     )
@@ -95,13 +95,7 @@ class RangeObserver:
         low, high = min(self.low, 0.0), max(self.high, 0.0)
         scale = max((high - low) / (ACT_QMAX - ACT_QMIN), _MIN_SCALE)
         zero_point = min(max(round(ACT_QMIN - low / scale), ACT_QMIN), ACT_QMAX)
-        return torch.fake_quantize_per_tensor_affine(
-            x,
-            torch.tensor(scale, dtype=torch.float32, device=x.device),
-            torch.tensor(zero_point, dtype=torch.int32, device=x.device),
-            ACT_QMIN,
-            ACT_QMAX,
-        )
+        return torch.fake_quantize_per_tensor_affine(x, scale, zero_point, ACT_QMIN, ACT_QMAX)
 
 
 def _qat_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,7 @@ import logging
 import sys
 import textwrap
 from collections.abc import Sequence
+from typing import Any
 
 from fleetfl import __version__
 from fleetfl.coordinator.config import ConfigError, describe_keys, load_config
@@ -44,7 +45,29 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--out", metavar="DIR", help="output directory (default: output.dir)")
     sim.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
     sim.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
+    for module in _command_modules():
+        module.add_parser(sub)
     return parser
+
+
+def _command_modules() -> list[Any]:
+    """The modules of the other sub-commands (each has ``add_parser(sub)`` and ``run(args)``)."""
+    from fleetfl.client import client_cmd
+    from fleetfl.coordinator import (
+        data_cmd,
+        export_cmd,
+        keys_cmd,
+        schedule_cmd,
+        service_cmd,
+    )
+
+    return [service_cmd, client_cmd, data_cmd, keys_cmd, export_cmd, schedule_cmd]
+
+
+# Sub-command name -> module (export_cmd registers two commands).
+_RUNNERS = {"coordinator": "service_cmd", "client": "client_cmd", "data": "data_cmd",
+            "keys": "keys_cmd", "export": "export_cmd", "evaluate": "export_cmd",
+            "schedule": "schedule_cmd"}
 
 
 def _simulate(args: argparse.Namespace) -> int:
@@ -66,15 +89,23 @@ def _simulate(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["client"]:
+        # What a device runs: skip the coordinator's imports (config, torch models, exporters).
+        from fleetfl.client.client_cmd import main as client_main
+
+        return client_main(argv)
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         if args.command == "simulate":
             return _simulate(args)
+        module = next(m for m in _command_modules()
+                      if m.__name__.rsplit(".", 1)[1] == _RUNNERS[args.command])
+        return int(module.run(args))
     except ConfigError as err:
         print(f"fleetfl: error: {err}", file=sys.stderr)
         return 2
-    return 1
 
 
 if __name__ == "__main__":

@@ -3,14 +3,21 @@
 ``make_server_app(config, on_round)`` builds the app for an in-process simulation; the module
 attribute ``app`` is the same app reading its configuration from Flower's ``run_config`` (the
 flattened TOML of :func:`fleetfl.coordinator.config.to_run_config`), for a deployed SuperLink.
+
+After every round the global model is saved as a checkpoint (with masks, clip range and the
+task it needs to be rebuilt): to ``checkpoint_path`` in simulation (``DIR/model.pt``), and, in
+the service, committed to the round store under ``$FLEETFL_STATE_DIR`` — where a restarted
+ServerApp resumes after the last committed round (:mod:`fleetfl.coordinator.state`).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,9 +25,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from fleetfl import protocol as P
+from fleetfl.coordinator.checkpoint import save_checkpoint
 from fleetfl.coordinator.config import Config, from_run_config, to_run_config
 from fleetfl.coordinator.planning import PlanSettings
 from fleetfl.coordinator.registry import FleetRegistry
+from fleetfl.coordinator.state import RoundState, RoundStore
 from fleetfl.coordinator.strategy import FleetFedProx
 from fleetfl.coordinator.transport import ModelTransport, TransportSettings
 from fleetfl.devices.clock import VirtualClock
@@ -29,6 +38,7 @@ from fleetfl.tasks.models import build_model, training_flops_per_sample
 from fleetfl.tasks.registry import load_federated
 
 RoundCallback = Callable[[dict[str, Any]], None]
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -53,8 +63,14 @@ def message_config(config: Config) -> ConfigRecord:
 
 
 def run_rounds(grid: Grid, config: Config, outcome: RunOutcome,
-               on_round: RoundCallback | None = None) -> None:
-    """Run ``config.federation.rounds`` FleetFedProx rounds on ``grid``, filling ``outcome``."""
+               on_round: RoundCallback | None = None, *,
+               checkpoint_path: Path | None = None, store: RoundStore | None = None) -> None:
+    """Run ``config.federation.rounds`` FleetFedProx rounds on ``grid``, filling ``outcome``.
+
+    After each round the global model is written to ``checkpoint_path`` (if given) and
+    committed to ``store`` (if given); with a ``store`` holding a commit, the run continues
+    after that round instead of starting over.
+    """
     task, fed = config.task, config.federation
     data = load_federated(task.dataset, num_clients=fed.num_clients, seed=task.seed,
                           alpha=task.alpha, beta=task.beta, iid=task.iid,
@@ -97,11 +113,18 @@ def run_rounds(grid: Grid, config: Config, outcome: RunOutcome,
     )
     clock = VirtualClock()
     started = time.perf_counter()
+    task_record = {**asdict(task), "input_shape": list(data.input_shape),
+                   "num_classes": data.num_classes, "num_clients": fed.num_clients}
+    done = _resume(store, config, model, transport, clock, outcome)
+    strategy.round_offset = done
 
-    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         model.load_state_dict(arrays.to_torch_state_dict())
         loss, acc = evaluate(model, tensors["test"], labels["test"])
         train_loss, _ = evaluate(model, tensors["train"], labels["train"])
+        if server_round == 0 and done:
+            return None  # resumed: the initial evaluation is in the committed history
+        server_round += done
         row: dict[str, Any] = {"round": server_round, "accuracy": acc, "loss": loss,
                                "train_loss": train_loss}
         if server_round == 0:
@@ -114,29 +137,79 @@ def run_rounds(grid: Grid, config: Config, outcome: RunOutcome,
         outcome.rows.append(row)
         outcome.final_arrays = arrays
         outcome.clients_total = len(registry.clients)
+        state = RoundState(
+            server_round=server_round, arrays=dict(zip(arrays.keys(), arrays.to_numpy_ndarrays(),
+                                                       strict=True)),
+            task=task_record, strategy={"simulated_time_s": clock.now_s},
+            pruning={"sparsity": transport.sparsity},
+            quantization={"qat": config.compression.qat, "clip": transport.clip,
+                          "update_bits": config.compression.update_bits},
+            masks=transport.masks or None, history=list(outcome.rows), config=config.to_dict())
+        _save(state, checkpoint_path, store)
         if on_round is not None:
             on_round(row)
         return MetricRecord({k: v for k, v in row.items() if isinstance(v, int | float)})
 
+    if done >= fed.rounds:
+        log.warning("all %d rounds were already committed; nothing to do", fed.rounds)
+        return
     strategy.start(
         grid,
         initial_arrays=ArrayRecord(model.state_dict()),
-        num_rounds=fed.rounds,
+        num_rounds=fed.rounds - done,
         timeout=fed.round_timeout_s,
         train_config=ConfigRecord(dict(shared)),
         evaluate_fn=evaluate_fn,
     )
 
 
+def _resume(store: RoundStore | None, config: Config, model: torch.nn.Module,
+            transport: ModelTransport, clock: VirtualClock, outcome: RunOutcome) -> int:
+    """Load the store's last commit into the run's pieces; the number of finished rounds."""
+    if store is None:
+        return 0
+    store.acquire()
+    state = store.resume(config.to_dict())
+    if state is None:
+        return 0
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in state.arrays.items()})
+    transport.restore(state.masks, float(state.quantization.get("clip", transport.clip)))
+    clock.advance(float(state.strategy.get("simulated_time_s", 0.0)))
+    outcome.rows = list(state.history)
+    log.warning("resuming after committed round %d", state.server_round)
+    return state.server_round
+
+
+def _save(state: RoundState, checkpoint_path: Path | None, store: RoundStore | None) -> None:
+    """Write the round's checkpoint file and/or commit it to the round store."""
+    if checkpoint_path is not None:
+        save_checkpoint(checkpoint_path, state_dict=state.arrays, task=state.task,
+                        server_round=state.server_round, masks=state.masks,
+                        quantization=state.quantization)
+    if store is not None:
+        store.commit(state)
+
+
 def make_server_app(config: Config | None = None, on_round: RoundCallback | None = None,
-                    outcome: RunOutcome | None = None) -> ServerApp:
-    """A ServerApp running ``config`` (or, if ``None``, the config in Flower's run_config)."""
+                    outcome: RunOutcome | None = None,
+                    checkpoint_path: Path | None = None) -> ServerApp:
+    """A ServerApp running ``config`` (or, if ``None``, the config in Flower's run_config).
+
+    The ServerApp commits and resumes rounds in ``$FLEETFL_STATE_DIR/rounds`` when that is
+    set (``fleetfl coordinator start`` sets it).
+    """
     server_app = ServerApp()
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
         cfg = config if config is not None else from_run_config(context.run_config)
-        run_rounds(grid, cfg, outcome if outcome is not None else RunOutcome(), on_round)
+        store = RoundStore.from_env()
+        try:
+            run_rounds(grid, cfg, outcome if outcome is not None else RunOutcome(), on_round,
+                       checkpoint_path=checkpoint_path, store=store)
+        finally:
+            if store is not None:
+                store.release()
 
     return server_app
 

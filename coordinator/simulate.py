@@ -72,7 +72,8 @@ def simulate(config: Config, *, verbose: bool = False, console: Console | None =
                 f"acc {row['accuracy']:.3f}  loss {row['loss']:.3f}  "
                 f"clients {row['aggregated']}/{row['selected']}"))
 
-        server_app = make_server_app(config, on_round=on_round, outcome=outcome)
+        server_app = make_server_app(config, on_round=on_round, outcome=outcome,
+                                     checkpoint_path=out / "model.pt")
         run_simulation(
             server_app=server_app,
             client_app=client_app,

@@ -111,11 +111,15 @@ class FleetFedProx(FedProx):
         self._keys: list[str] = []
         self._base: dict[str, np.ndarray] = {}
         self._dense_reply_bytes = 0
+        # Rounds already finished by an earlier process (resume): Flower's ``start`` counts
+        # from 1, the fleet's round numbers (plans, masks, replay checks) go on from here.
+        self.round_offset = 0
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Register new nodes, sample the cohort, and send each client its own plan."""
+        server_round += self.round_offset
         self.registry.refresh(grid)
         config[P.SERVER_ROUND] = server_round
         config[P.PROXIMAL_MU] = self.proximal_mu
@@ -168,23 +172,24 @@ class FleetFedProx(FedProx):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Screen replies, keep or drop partial work, and average what is kept."""
+        server_round += self.round_offset
         stats = self.history[-1]
         kept: list[_Reply] = []
         waited: list[float] = []
-        replies = list(replies)
-        stats.failed = stats.selected - len(replies)
+        answered: set[int] = set()
         for msg in replies:
             node = msg.metadata.src_node_id
-            if node not in self._cohort:
-                log.warning("round %d: ignoring reply from node %d not in the cohort",
-                            server_round, node)
+            if node not in self._cohort or node in answered:
+                # The SuperLink answers for a node that went offline, in its own name.
+                why = f": {msg.error.reason}" if msg.has_error() else ""
+                log.warning("round %d: ignoring a reply from node %d%s", server_round, node, why)
                 continue
             if msg.has_error():
-                stats.failed += 1
                 self.transport.forget(node)
                 log.warning("round %d: client %d failed: %s",
                             server_round, self._cohort[node].index, msg.error.reason)
                 continue
+            answered.add(node)
             up = P.record_bytes(msg.content)
             stats.uplink_bytes += up
             stats.received += 1
@@ -212,6 +217,10 @@ class FleetFedProx(FedProx):
             # Weight by the example count the client registered with, not what it claims now.
             kept.append(_Reply(reply.delta, self._cohort[node].num_examples, reply.samples,
                                reply.loss))
+        # Error replies, silence and the SuperLink's "node unavailable" replies alike.
+        stats.failed = stats.selected - len(answered)
+        for node in set(self._cohort) - answered:
+            self.transport.forget(node)
         stats.round_time_s = round_time_s(waited, self.settings.deadline_s)
         stats.aggregated = len(kept)
         self.transport.end_round()

@@ -114,6 +114,16 @@ class ModelTransport:
         self._tail = self._tail + counts
         return delta
 
+    def restore(self, masks: Mapping[str, np.ndarray] | None, clip: float) -> None:
+        """Continue from a committed round: its pruning masks and shared int8 clip range.
+
+        No client is assumed to hold the mask, so the next blobs carry the bitmaps.
+        """
+        self.masks = {k: np.asarray(v, dtype=bool) for k, v in (masks or {}).items()}
+        self.mask_id = mask_id(self.masks)
+        self.clip = float(clip)
+        self._holds.clear()
+
     def forget(self, node_id: int) -> None:
         """``node_id`` failed: it may have lost its cached mask, so resend the bitmaps."""
         self._holds.pop(node_id, None)

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 
 from fleetfl.tasks.data import FederatedDataset, Split
 from fleetfl.tasks.partition import dirichlet_label_partition, iid_partition
@@ -21,6 +19,9 @@ LOCAL_TEST_FRACTION = 0.2
 
 def _load_arrays() -> tuple[np.ndarray, np.ndarray]:
     """All 1797 digits: x float32 in [0, 1] of shape (n, 1, 8, 8), y int64 of shape (n,)."""
+    # Imported here: a device with only fleetfl[device] (no scikit-learn) imports this package.
+    from sklearn.datasets import load_digits
+
     bunch = load_digits()
     x = (np.asarray(bunch.images, dtype=np.float32) / _MAX_PIXEL).reshape(-1, *INPUT_SHAPE)
     y = np.asarray(bunch.target, dtype=np.int64)
@@ -66,6 +67,8 @@ def load_digits_federated(
     """
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    from sklearn.model_selection import train_test_split
+
     x, y = _load_arrays()
     pool_idx, test_idx = train_test_split(
         np.arange(len(y)), test_size=test_fraction, stratify=y, random_state=seed

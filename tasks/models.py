@@ -7,7 +7,9 @@ import math
 import torch
 from torch import nn
 
-MODEL_NAMES: tuple[str, ...] = ("logreg", "cnn")
+from fleetfl.tasks.randwire import RandWire
+
+MODEL_NAMES: tuple[str, ...] = ("logreg", "cnn", "randwire")
 
 
 class LogisticRegression(nn.Module):
@@ -64,26 +66,28 @@ def _construct(name: str, input_shape: tuple[int, ...], num_classes: int) -> nn.
     """Instantiate model ``name`` (parameters drawn from the current torch RNG)."""
     if name == "logreg":
         return LogisticRegression(math.prod(input_shape), num_classes)
-    # name == "cnn"
+    # name in ("cnn", "randwire")
     if len(input_shape) != 3 or input_shape[1] < 2 or input_shape[2] < 2:
         raise ValueError(
-            f"model 'cnn' needs an image input_shape (channels, height, width) with "
+            f"model {name!r} needs an image input_shape (channels, height, width) with "
             f"height, width >= 2, like (1, 8, 8); got {input_shape}"
         )
     channels, height, width = input_shape
+    if name == "randwire":
+        return RandWire(num_classes, channels)
     return DigitsCNN(num_classes, channels, height, width)
 
 
 def build_model(
     name: str, input_shape: tuple[int, ...], num_classes: int, seed: int = 0
 ) -> nn.Module:
-    """Build model ``name`` in {"logreg", "cnn"} with initial weights determined by ``seed``.
+    """Build model ``name`` in ``MODEL_NAMES`` with initial weights determined by ``seed``.
 
     The global torch RNG is forked, so building a model leaves it unchanged.
 
     Raises:
         ValueError: unknown ``name``, empty ``input_shape``, ``num_classes < 2`` or, for
-            "cnn", a non-image ``input_shape``.
+            "cnn" or "randwire", a non-image ``input_shape``.
     """
     if name not in MODEL_NAMES:
         raise ValueError(f"unknown model {name!r}; valid names: {', '.join(MODEL_NAMES)}")

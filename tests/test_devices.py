@@ -504,9 +504,15 @@ def test_straggler_plan_from_sampled_epochs() -> None:
 
 
 def test_devices_imports_only_numpy_and_stdlib() -> None:
+    """The rule: importing fleetfl.devices, or any of its modules, loads no torch, flwr, onnx,
+    onnxruntime or TFLite runtime, and no other fleetfl package; modules that work on models
+    import those inside their functions, so the coordinator can plan without them."""
     code = (
-        "import sys, fleetfl.devices\n"
-        "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'flwr')"
+        "import importlib, pkgutil, sys, fleetfl.devices as d\n"
+        "for m in pkgutil.iter_modules(d.__path__):\n"
+        "    importlib.import_module('fleetfl.devices.' + m.name)\n"
+        "heavy = ('torch', 'flwr', 'onnx', 'onnxruntime', 'ai_edge_litert', 'flatbuffers')\n"
+        "bad = [m for m in sys.modules if m.split('.')[0] in heavy"
         " or (m.startswith('fleetfl.') and not m.startswith('fleetfl.devices'))]\n"
         "print(','.join(bad))\n"
     )

@@ -323,7 +323,7 @@ def test_build_model_errors() -> None:
         build_model("resnet", (60,), 10)
     with pytest.raises(ValueError, match="image"):
         build_model("cnn", (60,), 10)
-    assert MODEL_NAMES == ("logreg", "cnn")
+    assert MODEL_NAMES == ("logreg", "cnn", "randwire")
 
 
 def test_flops_logreg_excludes_bias() -> None:

@@ -1,0 +1,114 @@
+"""``fleetfl client start`` (join a coordinator) and ``fleetfl client probe`` (measure a device)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from fleetfl.client.daemon import ClientSettings, prepare, run_supernode
+
+DEFAULT_WORKDIR = Path.home() / ".local" / "share" / "fleetfl" / "client"
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register ``fleetfl client {start,probe}``."""
+    client = subparsers.add_parser("client", help="run this machine as a fleetfl client",
+                                   description="Join a coordinator as a Flower SuperNode.")
+    sub = client.add_subparsers(dest="client_command", required=True, metavar="ACTION")
+    start = sub.add_parser(
+        "start", help="connect to a coordinator and train when asked (runs until stopped)",
+        description="Start a Flower SuperNode running fleetfl's ClientApp on local data. "
+                    "It reconnects by itself when the coordinator restarts. See "
+                    "docs/deploy.md for the data format and the keys.")
+    start.add_argument("--coordinator", required=True, metavar="HOST:PORT",
+                       help="the coordinator's address (what `fleetfl coordinator start` prints)")
+    start.add_argument("--data", required=True, metavar="FILE.npz",
+                       help="local training data: an .npz with arrays x and y")
+    start.add_argument("--device", default="auto", metavar="PROFILE|FILE.json|auto",
+                       help="device profile: a catalog name (e.g. rpi4), a JSON file, or "
+                            "'auto' to measure this machine (default)")
+    start.add_argument("--tls-ca", metavar="FILE", help="the coordinator's CA certificate (PEM)")
+    start.add_argument("--insecure", action="store_true", help="plain HTTP, no TLS (tests only)")
+    start.add_argument("--auth-key", metavar="FILE",
+                       help="this client's private key (OpenSSH EC), registered at the "
+                            "coordinator; from `fleetfl keys client`")
+    start.add_argument("--index", type=int, metavar="N",
+                       help="this client's index in the fleet (default: a hash of host and data)")
+    start.add_argument("--workdir", default=str(DEFAULT_WORKDIR), metavar="DIR",
+                       help=f"device profile and Flower's app cache (default {DEFAULT_WORKDIR})")
+    start.add_argument("--runtime-port", type=int, default=0, metavar="PORT",
+                       help="local port of the SuperNode's Runtime API (default: a free one)")
+    start.add_argument("--retries", type=int, metavar="N",
+                       help="give up after N failed connection attempts in a row (default: "
+                            "keep trying, e.g. while the coordinator restarts)")
+    probe = sub.add_parser("probe", help="measure this machine and print its device profile")
+    probe.add_argument("--seconds", type=float, default=1.0, help="benchmark duration")
+    return client
+
+
+def check_auth_key(path: Path) -> None:
+    """The key Flower's SuperNode will read: an OpenSSH EC private key (ValueError if not)."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import load_ssh_private_key
+
+    try:
+        key = load_ssh_private_key(path.read_bytes(), None)
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"--auth-key {path}: not an unencrypted OpenSSH private key "
+                         f"({err})") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise ValueError(f"--auth-key {path}: Flower needs an EC key (NIST curve), got "
+                         f"{type(key).__name__}; make one with `fleetfl keys client`")
+
+
+def settings_from_args(args: argparse.Namespace) -> ClientSettings:
+    """Validate ``fleetfl client start`` options (ValueError names the problem)."""
+    if args.insecure == bool(args.tls_ca):
+        raise ValueError("give --tls-ca FILE (the coordinator's CA), or --insecure")
+    if args.insecure and args.auth_key:
+        raise ValueError("--auth-key needs TLS: Flower authenticates SuperNodes only over TLS")
+    paths = {"--data": args.data, "--tls-ca": args.tls_ca, "--auth-key": args.auth_key}
+    for flag, value in paths.items():
+        if value and not Path(value).expanduser().is_file():
+            raise ValueError(f"{flag} {value}: no such file")
+    if args.auth_key:
+        check_auth_key(Path(args.auth_key).expanduser())
+
+    def path(value: str | None) -> Path | None:
+        return Path(value).expanduser().resolve() if value else None
+
+    return ClientSettings(
+        coordinator=args.coordinator, data=Path(args.data).expanduser().resolve(),
+        device=args.device, tls_ca=path(args.tls_ca), auth_key=path(args.auth_key),
+        workdir=Path(args.workdir).expanduser().resolve(), index=args.index,
+        runtime_port=args.runtime_port)
+
+
+def main(argv: Sequence[str]) -> int:
+    """``fleetfl client ...`` on its own: what a device runs, without the coordinator's imports
+    (``fleetfl.coordinator.cli`` hands ``client`` commands here before building its parser)."""
+    parser = argparse.ArgumentParser(prog="fleetfl")
+    add_parser(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
+    return run(parser.parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Execute ``fleetfl client start|probe``."""
+    if args.client_command == "probe":
+        from fleetfl.devices.probe import probe
+
+        print(json.dumps(probe(args.seconds).to_dict(), indent=2))
+        return 0
+    try:
+        settings = settings_from_args(args)
+        prepared = prepare(settings)
+    except ValueError as err:  # DataFormatError is a ValueError
+        print(f"fleetfl: error: {err}", file=sys.stderr)
+        return 2
+    print(f"fleetfl: {prepared.num_examples} examples from {settings.data}; device profile "
+          f"{prepared.device_name!r} ({prepared.device_file}); connecting to "
+          f"{settings.coordinator}", flush=True)
+    return run_supernode(settings, prepared, retries=args.retries)

@@ -1,0 +1,219 @@
+"""The coordinator service for real: SuperLink + SuperNodes as processes on 127.0.0.1.
+
+One scenario, run once (module fixture), observed by four tests:
+
+1. ``fleetfl keys init`` makes a CA, the server certificate and client keys; ``fleetfl data
+   split`` makes 3 shards; ``fleetfl coordinator start`` runs over TLS with SuperNode
+   authentication; 3 ``fleetfl client start`` devices join (one probes itself, ``--device
+   auto``).
+2. After round 1 is committed, device 2 is killed (SIGKILL, its whole process tree): round 2
+   must complete with the other two.
+3. Meanwhile an intruder with a key the coordinator never authorized tries to join, twice:
+   refused both times.
+4. After round 2 is committed, the coordinator is killed -9 with everything it started (a
+   crash, mid-round 3); device 2 comes back; the coordinator restarts on the same ``--state``
+   and must resume after the last committed round, run every remaining round exactly once,
+   and finish.
+
+Compression and secure aggregation plug in through the run configuration: add their keys to
+``EXTRA_SET`` (or ``FLEETFL_E2E_SET="section.key=value ..."``) and the same scenario runs with
+them. ``FLEETFL_CLI`` runs another ``fleetfl`` command (e.g. an installed one).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fleetfl.coordinator.state import read_metrics
+from fleetfl.devices.profiles import get_profile
+
+pytestmark = pytest.mark.e2e
+
+ROUNDS = 4
+ROUND_TIMEOUT_S = 90  # wait this long for devices to join, and for a dead one's reply
+CLI = shlex.split(os.environ.get("FLEETFL_CLI", f"{sys.executable} -m fleetfl.coordinator.cli"))
+# The deployed run compresses (int8 updates, pruning to 50 % by round 3, so the resumed run
+# must restore the masks); secure aggregation's keys join this list when it lands.
+EXTRA_SET: list[str] = ["compression.update_bits=8", "compression.prune_final_sparsity=0.5",
+                        "compression.prune_end_round=3",
+                        *shlex.split(os.environ.get("FLEETFL_E2E_SET", ""))]
+STEP_TIMEOUT_S = 420.0  # generous: this machine is shared; a round takes seconds when idle
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _kill_group(proc: subprocess.Popen[bytes], sig: int = signal.SIGKILL) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, sig)
+
+
+def _wait_for(what: str, ready: Callable[[], bool], timeout_s: float = STEP_TIMEOUT_S) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not ready():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+        time.sleep(0.5)
+
+
+@dataclass
+class Deployment:
+    """The processes of one scenario and what was observed."""
+
+    root: Path
+    port: int
+    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    seen: dict[str, Any] = field(default_factory=dict)
+
+    def spawn(self, name: str, *args: str) -> subprocess.Popen[bytes]:
+        log = open(self.root / f"{name}.log", "ab")  # noqa: SIM115 - the child owns it
+        proc = subprocess.Popen([*CLI, *args], cwd=self.root, stdout=log,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+        log.close()
+        self.procs.append(proc)
+        return proc
+
+    def output(self, name: str) -> str:
+        return (self.root / f"{name}.log").read_text(errors="replace")
+
+    def coordinator(self, name: str) -> subprocess.Popen[bytes]:
+        keys = self.root / "keys"
+        sets = [f"federation.rounds={ROUNDS}", "federation.num_clients=3",
+                "federation.clients_per_round=3", f"federation.round_timeout_s={ROUND_TIMEOUT_S}",
+                *EXTRA_SET]
+        return self.spawn(name, "coordinator", "start", "--state", str(self.root / "state"),
+                          "--address", f"127.0.0.1:{self.port}",
+                          "--tls-cert", str(keys / "server.pem"),
+                          "--tls-key", str(keys / "server.key"), "--tls-ca", str(keys / "ca.pem"),
+                          "--authorized-clients", str(keys / "authorized_clients.txt"),
+                          *[a for s in sets for a in ("--set", s)])
+
+    def device(self, i: int, key: str | None = None) -> subprocess.Popen[bytes]:
+        keys = self.root / "keys"
+        device = "auto" if i == 2 else str(self.root / "always-on.json")
+        return self.spawn(f"client-{i}", "client", "start",
+                          "--coordinator", f"127.0.0.1:{self.port}",
+                          "--data", str(self.root / "shards" / f"client-{i % 3}.npz"),
+                          "--tls-ca", str(keys / "ca.pem"),
+                          "--auth-key", str(keys / "clients" / (key or f"client-{i}")),
+                          "--index", str(i), "--device", device,
+                          "--workdir", str(self.root / f"work-{i}"))
+
+    def rounds(self) -> list[int]:
+        return [row["round"] for row in read_metrics(self.root / "state" / "rounds")]
+
+    def crash_coordinator(self, proc: subprocess.Popen[bytes]) -> None:
+        """kill -9 the service and every process group it started, at once."""
+        pids = json.loads((self.root / "state" / "service.json").read_text())
+        for name, pid in pids.items():
+            with contextlib.suppress(ProcessLookupError):
+                (os.kill if name == "service" else os.killpg)(pid, signal.SIGKILL)
+        _kill_group(proc)
+        proc.wait(30)
+
+
+def _run(*args: str, cwd: Path) -> None:
+    subprocess.run([*CLI, *args], cwd=cwd, check=True, timeout=300, capture_output=True)
+
+
+def _scenario(d: Deployment) -> None:
+    _run("keys", "init", "--out", "keys", "--clients", "3", cwd=d.root)
+    _run("keys", "client", "--name", "intruder", "--out", "keys/clients", cwd=d.root)
+    _run("data", "split", "--dataset", "digits", "--num-clients", "3", "--out", "shards",
+         cwd=d.root)
+    profile = {**get_profile("rpi4").to_dict(), "name": "rpi4-always-on", "availability": 1.0}
+    (d.root / "always-on.json").write_text(json.dumps(profile))
+
+    first = d.coordinator("coordinator-1")
+    devices = [d.device(i) for i in range(3)]  # they retry until the coordinator is up
+
+    _wait_for("round 1", lambda: len(d.rounds()) >= 1)
+    _kill_group(devices[2])  # mid-round 2: its train message is out or about to be
+    d.seen["killed_after_round"] = d.rounds()[-1]
+    # With the coordinator up and every authorized key registered, a stranger tries to join.
+    intruder = d.spawn("intruder", "client", "start", "--coordinator", f"127.0.0.1:{d.port}",
+                       "--data", str(d.root / "shards" / "client-0.npz"),
+                       "--tls-ca", str(d.root / "keys" / "ca.pem"),
+                       "--auth-key", str(d.root / "keys" / "clients" / "intruder"),
+                       "--device", "rpi4", "--workdir", str(d.root / "work-intruder"),
+                       "--retries", "1")
+    d.seen["intruder_exit"] = intruder.wait(STEP_TIMEOUT_S)
+
+    _wait_for("round 2", lambda: len(d.rounds()) >= 2)
+    d.crash_coordinator(first)  # mid-round 3
+    d.seen["committed_at_crash"] = d.rounds()
+    devices[2] = d.device(2)  # the device comes back (same key, same node id)
+
+    second = d.coordinator("coordinator-2")
+    d.seen["second_exit"] = second.wait(STEP_TIMEOUT_S * 2)
+    d.seen["rows"] = read_metrics(d.root / "state" / "rounds")
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory: pytest.TempPathFactory) -> Deployment:
+    d = Deployment(tmp_path_factory.mktemp("service"), _free_port())
+    try:
+        _scenario(d)
+    finally:
+        for proc in d.procs:  # SIGTERM first: Flower's processes deregister and exit
+            _kill_group(proc, signal.SIGTERM)
+        for proc in d.procs:
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                _kill_group(proc)
+                proc.wait(10)
+    return d
+
+
+def test_unregistered_client_is_refused(deployment: Deployment) -> None:
+    assert deployment.seen["intruder_exit"] != 0
+    refusals = deployment.output("intruder").count("Failed to activate SuperNode")
+    assert refusals == 2  # the first attempt and one retry, as asked (--retries 1)
+
+
+def test_rounds_complete_over_tls_with_node_auth(deployment: Deployment) -> None:
+    first = deployment.output("coordinator-1")
+    assert "coordinator up on https://" in first and "3 newly registered" in first
+    assert deployment.seen["second_exit"] == 0, deployment.output("coordinator-2")
+    rows = deployment.seen["rows"]
+    assert [r["round"] for r in rows] == list(range(1, ROUNDS + 1))
+    assert all(r["aggregated"] >= 2 for r in rows)
+    assert rows[-1]["accuracy"] > max(0.5, rows[0]["accuracy"])
+    assert rows[-1]["sparsity"] == pytest.approx(0.5, abs=0.02)  # compression ran, and resumed
+
+
+def test_client_killed_mid_round_the_round_completes(deployment: Deployment) -> None:
+    assert deployment.seen["killed_after_round"] == 1
+    round2 = deployment.seen["rows"][1]
+    assert round2["round"] == 2 and round2["selected"] == 3
+    assert round2["aggregated"] == 2 and round2["failed"] == 1
+
+
+def test_coordinator_killed_and_restarted_resumes(deployment: Deployment) -> None:
+    committed = deployment.seen["committed_at_crash"]
+    assert committed == list(range(1, len(committed) + 1)) and 2 <= len(committed) < ROUNDS
+    second = deployment.output("coordinator-2")
+    assert f"resuming after round {len(committed)}" in second
+    assert "stopped run(s) left unfinished" in second
+    printed = [int(line.split()[2].split("/")[0]) for line in second.splitlines()
+               if line.startswith("fleetfl: round ")]
+    assert printed == list(range(len(committed) + 1, ROUNDS + 1))  # nothing redone twice
