@@ -64,6 +64,10 @@ def _command_modules() -> list[Any]:
     return [service_cmd, client_cmd, data_cmd, keys_cmd, export_cmd, schedule_cmd]
 
 
+# Top-level modules of the [coordinator] extra (a device install has none of them).
+_COORDINATOR_EXTRA = ("ray", "sklearn", "scipy", "matplotlib", "rich", "onnx", "onnxruntime",
+                      "onnxscript", "torch_pruning")
+
 # Sub-command name -> module (export_cmd registers two commands).
 _RUNNERS = {"coordinator": "service_cmd", "client": "client_cmd", "data": "data_cmd",
             "keys": "keys_cmd", "export": "export_cmd", "evaluate": "export_cmd",
@@ -71,6 +75,11 @@ _RUNNERS = {"coordinator": "service_cmd", "client": "client_cmd", "data": "data_
 
 
 def _simulate(args: argparse.Namespace) -> int:
+    import importlib.util
+
+    for module in ("ray", "sklearn"):
+        if importlib.util.find_spec(module) is None:
+            raise ModuleNotFoundError(f"no module named {module!r}", name=module)
     config = load_config(args.config, args.overrides)
     output = config.output
     if args.out:
@@ -105,6 +114,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(module.run(args))
     except ConfigError as err:
         print(f"fleetfl: error: {err}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as err:
+        if err.name is None or err.name.split(".")[0] not in _COORDINATOR_EXTRA:
+            raise
+        print(f"fleetfl: error: `fleetfl {args.command}` needs {err.name}, which a device "
+              "install leaves out: pip install 'fleetfl[coordinator]'", file=sys.stderr)
         return 2
 
 
