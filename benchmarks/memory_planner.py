@@ -1,4 +1,4 @@
-"""Training-memory planner: predicted vs measured peak of local training, and a fleet that
+"""Training-memory planner: predicted vs measured peak of local training, and a fleet run that
 stays inside its budgets.
 
 1. Accuracy: for the digits CNN and RandWire at several batch sizes (and RandWire with
@@ -6,11 +6,15 @@ stays inside its budgets.
    step against a measurement: a fresh process (mmap threshold pinned, as a client does),
    one warm-up step on a copy, free memory handed back, then /proc/self/clear_refs reset and
    the VmHWM rise over two steps, plus the weights (resident before the reset).
-2. Fleet: one client per catalog device trains RandWire with the coordinator's batch size.
-   Each client measures its own resident memory before training (the runtime: Python, torch,
-   model, data), plans with ``fit_training_plan(stats, batch, budget, reserved_bytes=rss)``,
-   refuses the work with the planner's reason when nothing fits, else trains and reports the
-   whole process's peak RSS (VmHWM), which must stay under the device's budget.
+2. Fleet: one round of the real ServerApp loop (``run_rounds``) over one real device per
+   catalog profile, RandWire with the coordinator's batch size. Each device is a ClientApp in
+   device mode (its own data file and profile, always online) that gets its train message in a
+   fresh process, as a deployed SuperNode runs it (``tests/device_process.py``). The
+   coordinator's runtime figure (``fleet.runtime_memory_mib``) is calibrated first: the
+   resident memory of a fresh device process once it has loaded its data and model, plus
+   4 MiB. The coordinator plans every device's memory, leaves out those where nothing fits;
+   each client checks its plan against its own resident memory and budget, refuses or trains,
+   and the process's peak RSS (VmHWM) is compared with the device's budget.
 
     python -m benchmarks.memory_planner [--repeats 3] [--fleet-batch 512]
 """
@@ -18,17 +22,29 @@ stays inside its budgets.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from benchmarks.common import emit
-from fleetfl.devices.memory_planner import TrainingMemoryStats, predict_peak
+from fleetfl import protocol as P
+from fleetfl.client.data_format import save_npz
+from fleetfl.coordinator.config import Config, load_config
+from fleetfl.coordinator.planning import MemorySettings, PlanSettings, memory_plan
+from fleetfl.coordinator.registry import ClientInfo
+from fleetfl.coordinator.server_app import RunOutcome, message_config, run_rounds
+from fleetfl.devices.memory_planner import MIB, TrainingMemoryStats, predict_peak
 from fleetfl.devices.memory_stats import training_memory_stats
 from fleetfl.devices.profiles import CATALOG
 from fleetfl.tasks.models import build_model
+from tests.device_process import ProcessGrid, runtime_bytes
 
 DIGITS = (1, 8, 8)
 # (model, batch, micro-batch, checkpointing)
@@ -57,32 +73,6 @@ weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
 print(json.dumps(delta + weights))
 """
 
-CLIENT = """
-import json, sys, torch
-from fleetfl.devices.memory_stats import pin_mmap_threshold, rss_bytes
-pin_mmap_threshold()
-torch.set_num_threads(1)
-from fleetfl.client.solver import fedprox_train
-from fleetfl.devices.memory_planner import TrainingMemoryStats, fit_training_plan
-from fleetfl.tasks.models import build_model
-stats = TrainingMemoryStats.from_dict(json.loads(sys.argv[1]))
-budget, batch = int(sys.argv[2]), int(sys.argv[3])
-model = build_model("randwire", (1, 8, 8), 10)
-x, y = torch.randn(4 * batch, 1, 8, 8), torch.arange(4 * batch) % 10
-reserved = rss_bytes()
-plan = fit_training_plan(stats, batch, budget, reserved_bytes=reserved)
-out = {"reserved": reserved, "predicted": plan.predicted_peak_bytes, "reason": plan.reason,
-       "micro_batch": plan.micro_batch, "checkpointing": plan.checkpointing,
-       "accepted": plan.fits}
-if plan.fits:
-    fedprox_train(model, x, y, mu=0.01, lr=0.05, batch_size=batch, steps=4, seed=0,
-                  micro_batch=plan.micro_batch, checkpointing=plan.checkpointing)
-out["peak_rss"] = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status")
-                       if l.startswith("VmHWM"))
-print(json.dumps(out))
-"""
-
-
 def _run(code: str, *args: object) -> Any:
     proc = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True,
                           text=True, check=True)
@@ -107,14 +97,75 @@ def accuracy(stats: dict[str, TrainingMemoryStats], repeats: int) -> list[dict[s
     return rows
 
 
-def fleet(stats: TrainingMemoryStats, batch: int) -> list[dict[str, Any]]:
-    rows = []
-    for name, profile in sorted(CATALOG.items(), key=lambda kv: kv[1].memory_budget_bytes):
-        result = _run(CLIENT, json.dumps(stats.to_dict()), profile.memory_budget_bytes, batch)
-        result.update(device=name, budget=profile.memory_budget_bytes,
-                      under_budget=result["peak_rss"] <= profile.memory_budget_bytes)
-        rows.append(result)
-    return rows
+def fleet_devices(root: Path, batch: int) -> list[tuple[str, dict[str, Any]]]:
+    """One device per catalog profile (always online), each with 4 batches of random
+    digits-shaped data: ``(profile name, node_config)``."""
+    devices = []
+    rng = np.random.default_rng(0)
+    for i, (name, profile) in enumerate(sorted(CATALOG.items(),
+                                               key=lambda kv: kv[1].memory_budget_bytes)):
+        data = save_npz(root / f"{name}.npz", rng.random((4 * batch, *DIGITS), np.float32),
+                        rng.integers(0, 10, 4 * batch))
+        online = dataclasses.replace(profile, availability=1.0)
+        devices.append((name, {"data-path": str(data), "device": json.dumps(online.to_dict()),
+                               "client-index": i}))
+    return devices
+
+
+def fleet_config(batch: int, clients: int, runtime: int) -> Config:
+    return load_config(None, [
+        "task.dataset=digits", "task.model=randwire", f"federation.num_clients={clients}",
+        f"federation.clients_per_round={clients}", "federation.rounds=1",
+        "federation.local_epochs=1", f"federation.batch_size={batch}", "federation.lr=0.05",
+        f"fleet.runtime_memory_mib={runtime / MIB!r}",
+    ])
+
+
+def fleet(stats: TrainingMemoryStats, batch: int, repeats: int) -> dict[str, Any]:
+    """``repeats`` one-round fleet runs through the coordinator's planning and the ClientApp."""
+    with tempfile.TemporaryDirectory(prefix="fleetfl-bench-") as tmp:
+        devices = fleet_devices(Path(tmp), batch)
+        probe = fleet_config(batch, len(devices), 0)
+        measured_runtime = runtime_bytes(message_config(probe), devices[0][1])
+        runtime = measured_runtime + 4 * MIB
+        config = fleet_config(batch, len(devices), runtime)
+        runs = []
+        for _ in range(repeats):
+            grid = ProcessGrid([nc for _, nc in devices])
+            outcome = RunOutcome()
+            run_rounds(grid, config, outcome)
+            runs.append((grid, outcome.rows[0]))
+    settings = PlanSettings(len(devices), 1, batch, 0.0, None, 0,
+                            MemorySettings(stats, runtime_bytes=runtime))
+    clients = []
+    for i, (name, _) in enumerate(devices):
+        node, profile = 1000 + i, CATALOG[name]
+        sent = [m.content[P.CONFIG] for m in runs[0][0].sent
+                if m.metadata.message_type == "train" and m.metadata.dst_node_id == node]
+        peaks = [grid.peaks[node] for grid, _ in runs if node in grid.peaks]
+        errors = [grid.errors[node] for grid, _ in runs if node in grid.errors]
+        row: dict[str, Any] = {"device": name, "budget": profile.memory_budget_bytes}
+        if not sent:
+            plan = memory_plan(ClientInfo(node, i, profile, 4 * batch), settings)
+            row.update(status="not given work", reason=plan.reason if plan else "")
+        else:
+            cfg = sent[0]
+            row.update(micro_batch=cfg[P.PLAN_MICRO_BATCH],
+                       checkpointing=cfg[P.PLAN_CHECKPOINTING],
+                       predicted=cfg[P.PLAN_PREDICTED_PEAK_BYTES],
+                       status="refused" if errors else "trained",
+                       reason=errors[0] if errors else "")
+            if peaks and not errors:
+                row.update(peak_rss=peaks, peak_rss_max=max(peaks),
+                           under_budget=max(peaks) <= profile.memory_budget_bytes)
+        clients.append(row)
+    trained = [c for c in clients if c["status"] == "trained"]
+    return {"model": "randwire", "batch": batch, "repeats": repeats,
+            "measured_runtime_bytes": measured_runtime, "runtime_memory_bytes": runtime,
+            "rounds": [{k: row[k] for k in ("selected", "aggregated", "unfit", "memory_refused",
+                                            "failed")} for _, row in runs],
+            "clients": clients, "trained": len(trained),
+            "all_trained_under_budget": all(c["under_budget"] for c in trained)}
 
 
 def main() -> None:
@@ -125,15 +176,11 @@ def main() -> None:
     stats = {name: training_memory_stats(build_model(name, DIGITS, 10), DIGITS)
              for name in ("cnn", "randwire")}
     rows = accuracy(stats, args.repeats)
-    clients = fleet(stats["randwire"], args.fleet_batch)
-    accepted = [c for c in clients if c["accepted"]]
     emit("memory_planner", {
         "stats": {name: s.to_dict() for name, s in stats.items()},
         "accuracy": rows,
         "max_abs_error": max(abs(r["error"]) for r in rows),
-        "fleet": {"model": "randwire", "batch": args.fleet_batch, "clients": clients,
-                  "accepted": len(accepted), "refused": len(clients) - len(accepted),
-                  "all_accepted_under_budget": all(c["under_budget"] for c in accepted)},
+        "fleet": fleet(stats["randwire"], args.fleet_batch, args.repeats),
     })
 
 

@@ -12,10 +12,11 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fleetfl import protocol as P
+from fleetfl.client import memory
 from fleetfl.client.local import LocalTask, load_local_task, task_settings
 from fleetfl.client.solver import fedprox_train
 from fleetfl.client.transport import pack_update, receive_model
@@ -47,12 +48,20 @@ def query(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Run this client's work plan of FedProx local SGD from the received global model."""
+    """Run this client's work plan of FedProx local SGD from the received global model, or
+    refuse it, without training, when its memory plan does not fit this device."""
     cfg = msg.content[P.CONFIG]
+    device = memory.is_real_device(context.node_config)
+    if device:
+        memory.prepare_device_process()
     local = load_local_task(task_settings(cfg), context.node_config)
     plan = WorkPlan.from_config(cfg)
     server_round = int(cfg[P.SERVER_ROUND])
     model = local.fresh_model()
+    fit = memory.decide(cfg, local, min(plan.batch_size, local.num_examples), measure=device)
+    if fit.refusal is not None:
+        log.warning("round %d: refusing the work plan: %s", server_round, fit.refusal)
+        return Message(Error(code=P.ERROR_PLAN_REFUSED, reason=fit.refusal), reply_to=msg)
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     received = receive_model(msg.content[P.PAYLOAD][P.MODEL_BLOB], shapes, server_round,
                              context.state)
@@ -69,6 +78,8 @@ def train(msg: Message, context: Context) -> Message:
         steps=plan.steps_for(len(local.y_train)),
         seed=_round_seed(local, server_round),
         post_step=keep_pruned,
+        micro_batch=fit.micro_batch,
+        checkpointing=fit.checkpointing,
     )
     if qat is not None:
         qat.remove()

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, get_type_hints
 
 from fleetfl.devices.fleet import DEFAULT_MIX, parse_mix
+from fleetfl.devices.memory_planner import DEFAULT_RUNTIME_BYTES, MIB
 from fleetfl.tasks.models import MODEL_NAMES
 from fleetfl.tasks.registry import DATASET_NAMES
 
@@ -120,6 +121,13 @@ class FleetConfig:
     )
     deadline_s: float = _f(0.0, "simulated seconds per round; 0 = no deadline")
     seed: int = _f(0, "seed of device assignment, availability and straggler draws")
+    memory_budget_fraction: float = _f(
+        0.0, "share of each device's RAM its client process may use; 0 = the profile's own "
+        "budget (50 % of RAM on boards, 25 % on phones)")
+    runtime_memory_mib: float = _f(
+        DEFAULT_RUNTIME_BYTES / MIB, "MiB a client process holds before training (Python, "
+        "torch, Flower, model, data), reserved in every memory plan; a real device measures "
+        "its own")
 
     def check(self) -> None:
         try:
@@ -129,6 +137,15 @@ class FleetConfig:
         if not 0.0 <= self.stragglers <= 1.0:
             raise ConfigError("fleet.stragglers", f"must be in [0, 1], got {self.stragglers}")
         _at_least("fleet.deadline_s", self.deadline_s, 0.0)
+        if not 0.0 <= self.memory_budget_fraction <= 1.0:
+            raise ConfigError("fleet.memory_budget_fraction",
+                              f"must be in [0, 1], got {self.memory_budget_fraction}")
+        _at_least("fleet.runtime_memory_mib", self.runtime_memory_mib, 0.0)
+
+    @property
+    def runtime_memory_bytes(self) -> int:
+        """``runtime_memory_mib`` in bytes."""
+        return round(self.runtime_memory_mib * MIB)
 
 
 @dataclass(frozen=True)

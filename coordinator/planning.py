@@ -4,10 +4,17 @@ Each round, every registered client is online with its device's availability; th
 samples ``clients_per_round`` of the online ones. A fraction ``stragglers`` of the cohort gets a
 uniformly drawn smaller number of epochs in [1, E) (the FedProx paper's systems-heterogeneity
 setup); with a deadline, every client gets what its device can finish in time.
+
+With memory planning (``PlanSettings.memory``), each client's plan also says how its batches fit
+its device's memory budget (micro-batches, activation checkpointing:
+:func:`fleetfl.devices.memory_planner.fit_training_plan`), and a client whose device cannot fit
+even one sample per pass is left out of the draw.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -16,7 +23,24 @@ import numpy as np
 from fleetfl.coordinator.registry import ClientInfo
 from fleetfl.devices.clock import transfer_time_s
 from fleetfl.devices.fleet import available_clients
+from fleetfl.devices.memory_planner import (
+    DEFAULT_RUNTIME_BYTES,
+    MemoryBreakdown,
+    MemoryPlan,
+    TrainingMemoryStats,
+    fit_training_plan,
+    memory_budget_bytes,
+)
 from fleetfl.devices.workplan import WorkPlan, plan_work, sample_stragglers
+
+
+@dataclass(frozen=True)
+class MemorySettings:
+    """What memory planning needs: the model's traced training step and the fleet's rules."""
+
+    stats: TrainingMemoryStats  # traced once per run (fleetfl.devices.memory_stats)
+    budget_fraction: float = 0.0  # fleet.memory_budget_fraction: 0 = each profile's budget
+    runtime_bytes: int = DEFAULT_RUNTIME_BYTES  # fleet.runtime_memory_mib, in bytes
 
 
 @dataclass(frozen=True)
@@ -29,6 +53,15 @@ class PlanSettings:
     stragglers: float
     deadline_s: float | None
     seed: int
+    memory: MemorySettings | None = None  # None: no memory planning
+
+
+@dataclass(frozen=True)
+class Cohort:
+    """One round's draw: the clients selected, and the online ones left out for memory."""
+
+    members: list[ClientInfo]
+    unfit: list[tuple[ClientInfo, str]]  # (client, why no memory plan fits its device)
 
 
 _SELECTION, _STRAGGLERS = 0, 1  # independent random streams of one round
@@ -39,15 +72,47 @@ def round_rng(seed: int, server_round: int, stream: int) -> np.random.Generator:
     return np.random.default_rng([seed, server_round, stream])
 
 
+def memory_plan(client: ClientInfo, settings: PlanSettings) -> MemoryPlan | None:
+    """How ``client`` runs its batches within its device's budget; None without memory
+    planning. The batch is the largest the client will run: ``batch_size`` or its data size."""
+    memory = settings.memory
+    if memory is None:
+        return None
+    budget = memory_budget_bytes(client.device, memory.budget_fraction)
+    return _fit(memory.stats, min(settings.batch_size, client.num_examples), budget,
+                memory.runtime_bytes)
+
+
+# Plans depend on a handful of numbers that repeat across clients and rounds.
+@functools.lru_cache(maxsize=4096)
+def _fit(stats: TrainingMemoryStats, batch: int, budget: int, reserved: int) -> MemoryPlan:
+    return fit_training_plan(stats, batch, budget, reserved_bytes=reserved)
+
+
+def draw_cohort(
+    clients: Sequence[ClientInfo], server_round: int, settings: PlanSettings
+) -> Cohort:
+    """Sample up to ``clients_per_round`` clients among those online this round whose device
+    can fit a memory plan; the online clients that cannot are listed with the reason."""
+    online = available_clients([c.device for c in clients], server_round, settings.seed)
+    unfit, eligible = [], []
+    for i in online:
+        plan = memory_plan(clients[i], settings)
+        if plan is not None and not plan.fits:
+            unfit.append((clients[i], plan.reason))
+        else:
+            eligible.append(i)
+    k = min(settings.clients_per_round, len(eligible))
+    rng = round_rng(settings.seed, server_round, _SELECTION)
+    picks = rng.choice(eligible, size=k, replace=False)
+    return Cohort([clients[i] for i in sorted(int(p) for p in picks)], unfit)
+
+
 def select_cohort(
     clients: Sequence[ClientInfo], server_round: int, settings: PlanSettings
 ) -> list[ClientInfo]:
-    """Sample up to ``clients_per_round`` clients among those online this round."""
-    online = available_clients([c.device for c in clients], server_round, settings.seed)
-    k = min(settings.clients_per_round, len(online))
-    rng = round_rng(settings.seed, server_round, _SELECTION)
-    picks = rng.choice(online, size=k, replace=False)
-    return [clients[i] for i in sorted(int(p) for p in picks)]
+    """The clients :func:`draw_cohort` selects."""
+    return draw_cohort(clients, server_round, settings).members
 
 
 def plan_cohort(
@@ -59,7 +124,9 @@ def plan_cohort(
     downlink_bytes: int,
     uplink_bytes: int,
 ) -> dict[int, WorkPlan]:
-    """One :class:`WorkPlan` per cohort member, keyed by node id.
+    """One :class:`WorkPlan` per cohort member, keyed by node id, with its memory plan when
+    ``settings.memory`` is set (one that does not fit, ``fits=False``, for a client
+    :func:`draw_cohort` would have left out).
 
     ``downlink_bytes``/``uplink_bytes`` are the expected message sizes, used to leave transfer
     time inside the deadline.
@@ -73,7 +140,7 @@ def plan_cohort(
         transfer = transfer_time_s(
             client.device, uplink_bytes=uplink_bytes, downlink_bytes=downlink_bytes
         )
-        plans[client.node_id] = plan_work(
+        plan = plan_work(
             client.device,
             local_epochs=settings.local_epochs,
             batch_size=settings.batch_size,
@@ -83,4 +150,16 @@ def plan_cohort(
             transfer_s=transfer,
             straggler_epochs=s_epochs,
         )
+        plans[client.node_id] = dataclasses.replace(plan, memory=memory_plan(client, settings))
     return plans
+
+
+def probe_plan(settings: PlanSettings) -> WorkPlan:
+    """A placeholder plan with every config key a real plan of this run has, for estimating
+    message sizes before the cohort is planned."""
+    memory = None
+    if settings.memory is not None:
+        big = 2**40  # bytes: more than any device's budget, so no real value serializes longer
+        memory = MemoryPlan(settings.batch_size, settings.batch_size, 1, False, big, big,
+                            MemoryBreakdown(0, 0, 0, 0, 0), True, "")
+    return WorkPlan(1.0, 0, 1, False, memory)

@@ -69,6 +69,9 @@ def build_summary(
         "rejected_total": sum(int(r["rejected"]) for r in rows),
         "failed_total": sum(int(r["failed"]) for r in rows),
         "missed_deadline_total": sum(int(r["missed_deadline"]) for r in rows),
+        # Memory planning: cohort draws left out (no plan fits) and plans a client refused.
+        "unfit_total": sum(int(r.get("unfit", 0)) for r in rows),
+        "memory_refused_total": sum(int(r.get("memory_refused", 0)) for r in rows),
         "wall_time_s": wall_time_s,
         "simulated_time_s": last["simulated_time_s"],
         "clients_total": clients_total,

@@ -12,6 +12,7 @@ ServerApp resumes after the last committed round (:mod:`fleetfl.coordinator.stat
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import time
@@ -27,12 +28,13 @@ from flwr.serverapp import Grid, ServerApp
 from fleetfl import protocol as P
 from fleetfl.coordinator.checkpoint import save_checkpoint
 from fleetfl.coordinator.config import Config, from_run_config, to_run_config
-from fleetfl.coordinator.planning import PlanSettings
+from fleetfl.coordinator.planning import MemorySettings, PlanSettings
 from fleetfl.coordinator.registry import FleetRegistry
 from fleetfl.coordinator.state import RoundState, RoundStore
 from fleetfl.coordinator.strategy import FleetFedProx
 from fleetfl.coordinator.transport import ModelTransport, TransportSettings
 from fleetfl.devices.clock import VirtualClock
+from fleetfl.devices.memory_planner import TrainingMemoryStats
 from fleetfl.tasks.evaluation import evaluate
 from fleetfl.tasks.models import build_model, training_flops_per_sample
 from fleetfl.tasks.registry import load_federated
@@ -54,7 +56,8 @@ class RunOutcome:
 def message_config(config: Config) -> ConfigRecord:
     """The settings every client needs, as one flat ``ConfigRecord``."""
     flat = to_run_config(config)
-    keep = ("task.", "fleet.mix", "fleet.seed", "federation.num_clients",
+    keep = ("task.", "fleet.mix", "fleet.seed", "fleet.memory_budget_fraction",
+            "fleet.runtime_memory_mib", "federation.num_clients",
             "compression.update_bits", "compression.error_feedback", "compression.qat",
             "compression.entropy_coding")
     cfg = {k: v for k, v in flat.items() if k.startswith(keep)}
@@ -81,6 +84,7 @@ def run_rounds(grid: Grid, config: Config, outcome: RunOutcome,
     labels = {name: torch.from_numpy(s.y) for name, s in (("train", train_all), ("test", test))}
     shared = message_config(config)
     registry = FleetRegistry(shared, timeout_s=fed.round_timeout_s)
+    memory_stats = model_memory_stats(model, data.input_shape, qat=config.compression.qat)
     settings = PlanSettings(
         clients_per_round=fed.clients_per_round,
         local_epochs=fed.local_epochs,
@@ -88,6 +92,8 @@ def run_rounds(grid: Grid, config: Config, outcome: RunOutcome,
         stragglers=config.fleet.stragglers,
         deadline_s=config.fleet.deadline_s or None,
         seed=config.fleet.seed,
+        memory=MemorySettings(memory_stats, config.fleet.memory_budget_fraction,
+                              config.fleet.runtime_memory_bytes),
     )
     comp = config.compression
     transport = ModelTransport(
@@ -158,9 +164,24 @@ def run_rounds(grid: Grid, config: Config, outcome: RunOutcome,
         initial_arrays=ArrayRecord(model.state_dict()),
         num_rounds=fed.rounds - done,
         timeout=fed.round_timeout_s,
-        train_config=ConfigRecord(dict(shared)),
+        train_config=ConfigRecord(
+            {**shared, P.MEMORY_STATS: json.dumps(memory_stats.to_dict(), separators=(",", ":"))}),
         evaluate_fn=evaluate_fn,
     )
+
+
+def model_memory_stats(model: torch.nn.Module, input_shape: tuple[int, ...], *,
+                       qat: bool) -> TrainingMemoryStats:
+    """The model's training-memory figures, traced once per run on a copy (with the fake-quant
+    clients train under when ``qat``: it adds quantized copies of weights and activations)."""
+    from fleetfl.compression.qat import enable_qat
+    from fleetfl.devices.memory_stats import training_memory_stats
+
+    if not qat:
+        return training_memory_stats(model, input_shape)
+    work = copy.deepcopy(model)
+    enable_qat(work)
+    return training_memory_stats(work, input_shape)
 
 
 def _resume(store: RoundStore | None, config: Config, model: torch.nn.Module,

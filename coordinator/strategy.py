@@ -7,8 +7,10 @@ Server-side math is FedProx's (= FedAvg's) weighted average over the kept replie
 where S_t is the cohort minus failed, rejected and late replies. What this class adds:
 
 * ``configure_train`` sends **each client its own** ``ConfigRecord``: the round's settings plus
-  the client's work plan (``plan.*``) from its device profile, the straggler draw and the
-  deadline (see :mod:`fleetfl.coordinator.planning`).
+  the client's work plan (``plan.*``) from its device profile, the straggler draw, the
+  deadline and its memory budget (see :mod:`fleetfl.coordinator.planning`); online clients
+  whose device cannot fit any memory plan are not selected (``RoundStats.unfit``), and a client
+  that refuses its plan (``RoundStats.memory_refused``) counts as failed.
 * the model travels as a codec blob (pruned, int8/fp16/fp32) and each client returns its update
   Δ_k = w_k − w^t as a codec blob (int8 with the cohort's shared clip range, or float32), see
   :mod:`fleetfl.coordinator.transport`; the average above is applied as
@@ -33,7 +35,7 @@ from flwr.serverapp.strategy import FedProx
 
 from fleetfl import protocol as P
 from fleetfl.aggregation.average import weighted_average
-from fleetfl.coordinator.planning import PlanSettings, plan_cohort, select_cohort
+from fleetfl.coordinator.planning import PlanSettings, draw_cohort, plan_cohort, probe_plan
 from fleetfl.coordinator.registry import ClientInfo, FleetRegistry
 from fleetfl.coordinator.transport import ModelTransport
 from fleetfl.devices.clock import client_round_time_s, round_time_s
@@ -70,6 +72,8 @@ class RoundStats:
     client_train_loss: float = math.nan  # example-weighted mean of the clients' local losses
     sparsity: float = 0.0  # fraction of prunable weights pruned in this round's model
     clip: float = math.nan  # shared int8 clip range used this round
+    unfit: int = 0  # online clients not selected: no memory plan fits their device
+    memory_refused: int = 0  # of the failed: clients that refused a plan over their memory
 
 
 @dataclass(frozen=True)
@@ -128,7 +132,12 @@ class FleetFedProx(FedProx):
         self.transport.begin_round(server_round, self._base)  # prunes _base in place
         config[P.CLIP] = self.transport.clip
         self._dense_reply_bytes = _plain_flower_reply_bytes(arrays)
-        cohort = select_cohort(self.registry.clients, server_round, self.settings)
+        drawn = draw_cohort(self.registry.clients, server_round, self.settings)
+        cohort = drawn.members
+        if drawn.unfit:
+            log.info("round %d: %d online client(s) left out, no memory plan fits (client %d: "
+                     "%s)", server_round, len(drawn.unfit), drawn.unfit[0][0].index,
+                     drawn.unfit[0][1])
         self._plans = plan_cohort(
             cohort,
             server_round,
@@ -139,7 +148,7 @@ class FleetFedProx(FedProx):
         )
         self._cohort = {c.node_id: c for c in cohort}
         stats = RoundStats(server_round, selected=len(cohort), sparsity=self.transport.sparsity,
-                           clip=self.transport.clip)
+                           clip=self.transport.clip, unfit=len(drawn.unfit))
         stats.stragglers = sum(p.straggler for p in self._plans.values())
         messages = []
         for client in cohort:
@@ -156,7 +165,7 @@ class FleetFedProx(FedProx):
 
     def _downlink_estimate(self, config: ConfigRecord) -> int:
         """Bytes of this round's largest train message (with bitmaps, placeholder plan)."""
-        probe = ConfigRecord({**config, **WorkPlan(1.0, 0, 1, False).to_config()})
+        probe = ConfigRecord({**config, **probe_plan(self.settings).to_config()})
         blob = ConfigRecord({P.MODEL_BLOB: self.transport.model_blob(-1)})
         return P.record_bytes(RecordDict({P.CONFIG: probe, P.PAYLOAD: blob}))
 
@@ -186,8 +195,10 @@ class FleetFedProx(FedProx):
                 continue
             if msg.has_error():
                 self.transport.forget(node)
-                log.warning("round %d: client %d failed: %s",
-                            server_round, self._cohort[node].index, msg.error.reason)
+                refused = msg.error.code == P.ERROR_PLAN_REFUSED
+                stats.memory_refused += refused
+                log.warning("round %d: client %d %s: %s", server_round, self._cohort[node].index,
+                            "refused its work plan" if refused else "failed", msg.error.reason)
                 continue
             answered.add(node)
             up = P.record_bytes(msg.content)

@@ -19,18 +19,30 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from fleetfl.devices._checks import check_int
+from fleetfl.devices._checks import check_int, check_real
+from fleetfl.devices.profiles import DeviceProfile
+
+MIB = 2**20
 
 # Memory the first training step of a fresh process takes beyond its tensors: kernel code paged
 # in, oneDNN's generated kernels, thread-pool stacks. Measured at 22-26 MiB for torch 2.13 CPU on
 # x86-64 (benchmarks/memory_planner.py, fleet part); kept as a margin on every plan.
-DEFAULT_SLACK_BYTES = 32 * 2**20
+DEFAULT_SLACK_BYTES = 32 * MIB
+
+# What a client process holds before it trains: Python, Flower, torch, fleetfl, the model and its
+# data. On x86-64 with torch 2.13 CPU a device process measured 253-265 MiB (VmRSS once its data
+# and model are loaded, benchmarks/memory_planner.py) and a simulated client's process, which
+# also loads scikit-learn, about 330 MiB; 320 MiB is above the former, so that plans made with it
+# hold on such devices. The coordinator reserves it in every plan unless told otherwise
+# (``fleet.runtime_memory_mib``); a real device measures its own.
+DEFAULT_RUNTIME_BYTES = 320 * MIB
 
 # Keys of a memory plan in a fit config, next to WorkPlan's ``plan.*`` keys.
 CONFIG_KEYS: Mapping[str, str] = {
     "micro_batch": "plan.micro-batch",
     "checkpointing": "plan.checkpointing",
     "predicted_peak_bytes": "plan.predicted-peak-bytes",
+    "budget_bytes": "plan.budget-bytes",
 }
 
 
@@ -113,7 +125,23 @@ class MemoryPlan:
             CONFIG_KEYS["micro_batch"]: self.micro_batch,
             CONFIG_KEYS["checkpointing"]: self.checkpointing,
             CONFIG_KEYS["predicted_peak_bytes"]: self.predicted_peak_bytes,
+            CONFIG_KEYS["budget_bytes"]: self.budget_bytes,
         }
+
+
+def memory_budget_bytes(profile: DeviceProfile, fraction: float = 0.0) -> int:
+    """Bytes the whole client process may hold on ``profile``'s device.
+
+    ``fraction`` 0 means the profile's own ``memory_budget_bytes`` (50 % of RAM on headless
+    boards, 25 % on phones: see ``fleetfl.devices.profiles``); a fraction in (0, 1] overrides
+    that with the same share of every device's RAM.
+    """
+    fraction = check_real("fraction", fraction, minimum=0.0)
+    if fraction > 1:
+        raise ValueError(f"fraction: must be in [0, 1], got {fraction!r}")
+    if fraction == 0:
+        return profile.memory_budget_bytes
+    return math.floor(fraction * profile.ram_bytes)
 
 
 def config_settings(cfg: Mapping[str, object], batch_size: int) -> tuple[int, bool]:
@@ -219,7 +247,8 @@ def check_plan(
         return None
     return (f"the plan (batch {batch_size} in passes of {plan.micro_batch}"
             f"{', checkpointed' if checkpointing else ''}) needs {plan.predicted_peak_bytes} "
-            f"bytes, over this device's budget of {budget_bytes} bytes")
+            f"bytes ({plan.breakdown.total} for the training step, {reserved_bytes} already "
+            f"resident, {slack_bytes} slack), over this device's budget of {budget_bytes} bytes")
 
 
 def _as_stats(stats_or_model: Any, input_shape: tuple[int, ...] | None) -> TrainingMemoryStats:

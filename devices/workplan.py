@@ -1,7 +1,10 @@
 """Per-client work plans: how much local training the coordinator asks of each device.
 
 A plan travels inside the Flower fit config as flat keys (``plan.epochs`` ...), so the client
-can rebuild it with ``WorkPlan.from_config`` without knowing how it was chosen.
+can rebuild it with ``WorkPlan.from_config`` without knowing how it was chosen. A plan may carry
+a :class:`~fleetfl.devices.memory_planner.MemoryPlan` (how its batches fit the device's memory);
+its keys (``plan.micro-batch`` ...) travel alongside and are read with
+``fleetfl.devices.memory_planner.config_settings``.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from types import MappingProxyType
 import numpy as np
 
 from fleetfl.devices._checks import check_int, check_real
+from fleetfl.devices.memory_planner import MemoryPlan
 from fleetfl.devices.profiles import DeviceProfile
 
 # WorkPlan attribute -> flat fit-config key.
@@ -35,6 +39,7 @@ class WorkPlan:
     max_samples: int  # cap on samples processed this round, 0 = no cap
     batch_size: int  # samples per local SGD step
     straggler: bool  # True when the plan is less than the full local_epochs
+    memory: MemoryPlan | None = None  # micro-batches/checkpointing that fit the device, if planned
 
     def __post_init__(self) -> None:
         # Normalise NumPy scalars to Python numbers so to_config() suits any serialiser.
@@ -61,17 +66,20 @@ class WorkPlan:
         return max(steps, 1)
 
     def to_config(self) -> dict[str, int | float | bool]:
-        """Flat, Flower-config-friendly keys: ``plan.epochs``, ``plan.max-samples``, ..."""
+        """Flat, Flower-config-friendly keys: ``plan.epochs``, ``plan.max-samples``, ... and
+        the memory plan's (``plan.micro-batch``, ...) when there is one."""
         return {
             CONFIG_KEYS["epochs"]: self.epochs,
             CONFIG_KEYS["max_samples"]: self.max_samples,
             CONFIG_KEYS["batch_size"]: self.batch_size,
             CONFIG_KEYS["straggler"]: self.straggler,
+            **(self.memory.to_config() if self.memory is not None else {}),
         }
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, object]) -> WorkPlan:
-        """Rebuild a plan from a fit config; keys other than the four ``plan.*`` are ignored.
+        """Rebuild a plan from a fit config; keys other than the four ``plan.*`` are ignored
+        (the memory plan's included: ``memory_planner.config_settings`` reads those).
 
         ValueError names a missing key, or a key whose value has the wrong type or range.
         """

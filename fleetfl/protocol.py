@@ -10,7 +10,13 @@ Every message's content is a ``RecordDict`` with explicit keys:
   shared int8 clip range), the ``task.*``/``compression.*`` keys and the client's own work plan
   (``plan.*``), and ``payload["model"]``: the global model as a codec blob
   (:mod:`fleetfl.compression.codec`, kind "model": sparse under the pruning mask, int8/fp16/fp32,
-  with the mask bitmaps only when the client may not hold them). The reply has
+  with the mask bitmaps only when the client may not hold them). With the work plan comes its
+  memory plan: ``plan.micro-batch`` (samples per forward/backward pass), ``plan.checkpointing``,
+  ``plan.predicted-peak-bytes`` and ``plan.budget-bytes`` (the whole client process's peak and
+  limit, bytes); and, for the client's own check, ``memory-stats`` (the model's
+  ``TrainingMemoryStats`` as JSON), ``fleet.memory_budget_fraction`` and
+  ``fleet.runtime_memory_mib``. A client whose plan does not fit replies with an error of code
+  ``ERROR_PLAN_REFUSED`` whose reason gives the bytes needed and the budget. Otherwise the reply has
   ``payload["update"]`` (a codec blob, kind "update": Δ = w_local − w_received on the unpruned
   coordinates, int8 with the shared clip or float32) and ``metrics`` (``num-examples``,
   ``samples-processed``, ``steps``, ``train-loss``, ``clip-tail``).
@@ -26,6 +32,8 @@ from collections.abc import Sequence
 import numpy as np
 from flwr.app import Array, ArrayRecord, RecordDict
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+
+from fleetfl.devices.memory_planner import CONFIG_KEYS as _MEMORY_PLAN_KEYS
 
 ARRAYS = "arrays"
 CONFIG = "config"
@@ -49,6 +57,20 @@ SAMPLES_PROCESSED = "samples-processed"
 STEPS = "steps"
 TRAIN_LOSS = "train-loss"
 CLIP_TAIL = "clip-tail"  # int8 tail counts of the client's quantized values (list[int])
+
+# The memory plan inside a train config (spelled in fleetfl.devices.memory_planner, which the
+# coordinator and clients both use to write and read them).
+PLAN_MICRO_BATCH = _MEMORY_PLAN_KEYS["micro_batch"]  # "plan.micro-batch"
+PLAN_CHECKPOINTING = _MEMORY_PLAN_KEYS["checkpointing"]  # "plan.checkpointing"
+PLAN_PREDICTED_PEAK_BYTES = _MEMORY_PLAN_KEYS["predicted_peak_bytes"]  # "plan.predicted-peak-bytes"
+PLAN_BUDGET_BYTES = _MEMORY_PLAN_KEYS["budget_bytes"]  # "plan.budget-bytes"
+MEMORY_STATS = "memory-stats"  # JSON of the model's TrainingMemoryStats
+MEMORY_BUDGET_FRACTION = "fleet.memory_budget_fraction"
+RUNTIME_MEMORY_MIB = "fleet.runtime_memory_mib"
+
+# Error code of a train reply refusing a plan that does not fit the device's memory (Flower's
+# own codes are small integers; ErrorCode in flwr.common.constant).
+ERROR_PLAN_REFUSED = 4001
 
 
 def arrays_to_record(keys: Sequence[str], arrays: Sequence[np.ndarray]) -> ArrayRecord:

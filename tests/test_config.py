@@ -49,6 +49,10 @@ def test_toml_file_and_overrides(tmp_path):
         ("fleet.stragglers=1.5", "fleet.stragglers"),
         ("fleet.mix={iphone99=1}", "fleet.mix"),
         ("federation.clients_per_round=50", "federation.clients_per_round"),
+        ("fleet.memory_budget_fraction=1.5", "fleet.memory_budget_fraction"),
+        ("fleet.memory_budget_fraction=-0.1", "fleet.memory_budget_fraction"),
+        ("fleet.runtime_memory_mib=-1", "fleet.runtime_memory_mib"),
+        ("fleet.runtime_memory_mib=inf", "fleet.runtime_memory_mib"),
     ],
 )
 def test_bad_values_name_the_key(override, key):

@@ -111,7 +111,8 @@ def test_stats_and_plan_travel_as_plain_config() -> None:
     assert TrainingMemoryStats.from_dict(json.loads(json.dumps(stats.to_dict()))) == stats
     plan = fit_training_plan(stats, 64, 5 * MIB, slack_bytes=0)
     config = plan.to_config()
-    assert set(config) == {"plan.micro-batch", "plan.checkpointing", "plan.predicted-peak-bytes"}
+    assert set(config) == {"plan.micro-batch", "plan.checkpointing", "plan.predicted-peak-bytes",
+                           "plan.budget-bytes"}
     assert config_settings(config, 64) == (plan.micro_batch, plan.checkpointing)
     assert config_settings({}, 64) == (64, False)
     with pytest.raises(ValueError, match="plan.checkpointing"):
