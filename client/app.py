@@ -16,10 +16,10 @@ from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, Record
 from flwr.clientapp import ClientApp
 
 from fleetfl import protocol as P
-from fleetfl.client import memory
+from fleetfl.client import memory, secure
 from fleetfl.client.local import LocalTask, load_local_task, task_settings
 from fleetfl.client.solver import fedprox_train
-from fleetfl.client.transport import pack_update, receive_model
+from fleetfl.client.transport import kept_values, pack_update, quantize_update, receive_model
 from fleetfl.compression.masks import apply_masks_torch_
 from fleetfl.compression.qat import enable_qat
 from fleetfl.devices.workplan import WorkPlan
@@ -84,22 +84,40 @@ def train(msg: Message, context: Context) -> Message:
     if qat is not None:
         qat.remove()
     weights = {k: v.detach().numpy() for k, v in model.state_dict().items()}
-    blob, tail = pack_update(
-        weights, received, bits=int(cfg["compression.update_bits"]), clip=float(cfg[P.CLIP]),
-        error_feedback=bool(cfg["compression.error_feedback"]),
-        rng=np.random.default_rng([local.seed, local.index, server_round]), state=context.state,
-        entropy_coding=bool(cfg["compression.entropy_coding"]))
-    metrics = MetricRecord(
-        {
-            P.NUM_EXAMPLES: len(local.y_train),
-            P.SAMPLES_PROCESSED: result.samples,
-            P.STEPS: result.steps,
-            P.TRAIN_LOSS: result.mean_loss,
-            P.CLIP_TAIL: tail.to_list(),
-        }
-    )
-    reply = RecordDict({P.PAYLOAD: ConfigRecord({P.UPDATE_BLOB: blob}), P.METRICS: metrics})
+    metrics: dict[str, int | float | list[int]] = {
+        P.NUM_EXAMPLES: len(local.y_train),
+        P.SAMPLES_PROCESSED: result.samples,
+        P.STEPS: result.steps,
+        P.TRAIN_LOSS: result.mean_loss,
+    }
+    quantization = {
+        "clip": float(cfg[P.CLIP]), "error_feedback": bool(cfg["compression.error_feedback"]),
+        "rng": np.random.default_rng([local.seed, local.index, server_round]),
+        "state": context.state, "weight": float(cfg.get(P.UPDATE_WEIGHT, 1.0)),
+    }
+    request = msg.content.config_records.get(P.SECAGG)
+    if request is not None:
+        # Secure aggregation: only the masked int8 vector leaves, tail counts inside it.
+        q, tail = quantize_update(weights, received, **quantization)  # type: ignore[arg-type]
+        tail = tail.clamped(secure.TAIL_COUNT_MAX)
+        vector = secure.secure_vector(kept_values(q, received.masks), tail)
+        masked = secure.masked_update(request, vector, context)
+        reply = RecordDict({P.SECAGG: masked, P.METRICS: MetricRecord(metrics)})
+        return Message(reply, reply_to=msg)
+    blob, tail = pack_update(weights, received, bits=int(cfg["compression.update_bits"]),
+                             entropy_coding=bool(cfg["compression.entropy_coding"]),
+                             **quantization)  # type: ignore[arg-type]
+    metrics[P.CLIP_TAIL] = tail.clamped(secure.TAIL_COUNT_MAX).to_list()
+    reply = RecordDict({P.PAYLOAD: ConfigRecord({P.UPDATE_BLOB: blob}),
+                        P.METRICS: MetricRecord(metrics)})  # type: ignore[arg-type]
     return Message(reply, reply_to=msg)
+
+
+@app.query("secagg")
+def secagg(msg: Message, context: Context) -> Message:
+    """Stages 1, 2 and 4 of secure aggregation (keys, shares, unmasking); see client/secure.py."""
+    record = secure.answer(msg.content[P.SECAGG], context)
+    return Message(RecordDict({P.SECAGG: record}), reply_to=msg)
 
 
 def _mask_hook(model: torch.nn.Module, masks: dict[str, np.ndarray]) -> Callable[[], None] | None:

@@ -65,26 +65,54 @@ def receive_model(blob: bytes, shapes: Mapping[str, tuple[int, ...]], server_rou
 
 def pack_update(local: Mapping[str, np.ndarray], received: ReceivedModel, *, bits: int,
                 clip: float, error_feedback: bool, rng: np.random.Generator,
-                state: RecordDict, entropy_coding: bool = False) -> tuple[bytes, TailCounts]:
-    """Encode Δ = local − received as the update blob; returns (blob, int8 tail counts)."""
-    delta = {k: (np.asarray(v, np.float32) - received.weights[k]) for k, v in local.items()}
-    masks = received.masks
+                state: RecordDict, entropy_coding: bool = False,
+                weight: float = 1.0) -> tuple[bytes, TailCounts]:
+    """Encode Δ = local − received as the update blob; returns (blob, int8 tail counts).
+
+    float32 updates carry Δ itself (the coordinator weights them); int8 updates carry
+    ``weight`` · Δ (see :func:`quantize_update`).
+    """
     if bits == 32:
+        delta = _delta(local, received)
         blob = encode_update(delta, round=received.server_round, mask_id=received.mask_id,
-                             scales={}, masks=masks, entropy_coding=entropy_coding)
+                             scales={}, masks=received.masks, entropy_coding=entropy_coding)
         return blob, empty_tail()
-    if error_feedback:
-        feedback = ErrorFeedback()
-        feedback.load_state_dict(_load_arrays(state, RESIDUAL_KEY))
-        q, tail = feedback.compress_all(delta, clip=clip, rng=rng, masks=masks)
-        _save_arrays(state, RESIDUAL_KEY, feedback.state_dict())
-    else:
-        q, tail = _quantize_plain(delta, masks, clip, rng)
+    q, tail = quantize_update(local, received, clip=clip, error_feedback=error_feedback,
+                              rng=rng, state=state, weight=weight)
     scale = int8_scale(clip)
     blob = encode_update(q, round=received.server_round, mask_id=received.mask_id,
-                         scales=dict.fromkeys(q, scale), masks=masks,
+                         scales=dict.fromkeys(q, scale), masks=received.masks,
                          entropy_coding=entropy_coding)
     return blob, tail
+
+
+def quantize_update(local: Mapping[str, np.ndarray], received: ReceivedModel, *, clip: float,
+                    error_feedback: bool, rng: np.random.Generator, state: RecordDict,
+                    weight: float = 1.0) -> tuple[dict[str, np.ndarray], TailCounts]:
+    """int8 ``weight`` · Δ with the shared ``clip`` (full shapes, 0 where pruned), tail counts.
+
+    ``weight`` is the coordinator's ω_k (its example count over the cohort's mean), so that
+    the coordinator averages by summing integers — what secure aggregation can do.
+    """
+    delta = {k: v * np.float32(weight) for k, v in _delta(local, received).items()}
+    masks = received.masks
+    if not error_feedback:
+        return _quantize_plain(delta, masks, clip, rng)
+    feedback = ErrorFeedback()
+    feedback.load_state_dict(_load_arrays(state, RESIDUAL_KEY))
+    q, tail = feedback.compress_all(delta, clip=clip, rng=rng, masks=masks)
+    _save_arrays(state, RESIDUAL_KEY, feedback.state_dict())
+    return q, tail
+
+
+def kept_values(q: Mapping[str, np.ndarray], masks: Mapping[str, np.ndarray]
+                ) -> dict[str, np.ndarray]:
+    """Each tensor's unpruned values, flattened in C order (what a sparse update carries)."""
+    return {k: (v[masks[k]] if k in masks else v.ravel()) for k, v in q.items()}
+
+
+def _delta(local: Mapping[str, np.ndarray], received: ReceivedModel) -> dict[str, np.ndarray]:
+    return {k: (np.asarray(v, np.float32) - received.weights[k]) for k, v in local.items()}
 
 
 def _quantize_plain(delta: Mapping[str, np.ndarray], masks: Mapping[str, np.ndarray],

@@ -124,6 +124,16 @@ class TailCounts:
         """Fraction of values clipped (0.0 if none were quantized)."""
         return self.above[0] / self.total if self.total else 0.0
 
+    def clamped(self, max_count: int) -> TailCounts:
+        """Each ``above`` count capped at ``max_count`` (``total`` unchanged).
+
+        Clients cap their counts at 127 so that they sum in the same ring as int8 values under
+        secure aggregation; the clip rule then still sees "too much clipping" (any capped
+        count is far above the target fraction when ``total`` < 127 / target values), it only
+        widens more gently when the range is far too small.
+        """
+        return TailCounts(self.total, tuple(min(a, max_count) for a in self.above))
+
     def to_list(self) -> list[int]:
         """``[total, *above]``: for a MetricRecord or a secure sum."""
         return [self.total, *self.above]

@@ -184,10 +184,24 @@ class CompressionConfig:
 
 @dataclass(frozen=True)
 class SecAggConfig:
-    """Secure aggregation (keys arrive with SecAgg+)."""
+    """Secure aggregation (SecAgg+): the coordinator learns only the cohort's sum."""
+
+    enabled: bool = _f(False, "SecAgg+ over the int8 updates (needs compression.update_bits = 8)")
+    num_neighbours: int = _f(0, "k, each client's neighbours in the masking graph (0: derived "
+                                "from the cohort size and the fractions below)")
+    threshold: int = _f(0, "t, Shamir shares needed to unmask a client (0: derived)")
+    corrupt_fraction: float = _f(0.1, "fraction of the cohort that may collude with the "
+                                      "coordinator and still not learn one client's update")
+    dropout_fraction: float = _f(0.3, "fraction of the cohort that may drop out mid-round and "
+                                      "the round still completes")
 
     def check(self) -> None:
-        return None
+        _at_least("secagg.num_neighbours", self.num_neighbours, 0)
+        _at_least("secagg.threshold", self.threshold, 0)
+        for key in ("corrupt_fraction", "dropout_fraction"):
+            value = getattr(self, key)
+            if not 0.0 <= value < 1.0:
+                raise ConfigError(f"secagg.{key}", f"must be in [0, 1), got {value}")
 
 
 @dataclass(frozen=True)
@@ -291,7 +305,31 @@ def from_dict(data: Mapping[str, Any]) -> Config:
         if not isinstance(values, Mapping):
             raise ConfigError(name, "must be a table ([section])")
         sections[name] = _build_section(name, values)
-    return Config(**sections)
+    config = Config(**sections)
+    _check_secagg(config)
+    return config
+
+
+def _check_secagg(config: Config) -> None:
+    """Secure aggregation sums integers: int8 updates, and a (k, t) that exists for the cohort."""
+    sec = config.secagg
+    if not sec.enabled:
+        return
+    if config.compression.update_bits != 8:
+        raise ConfigError("secagg.enabled", "secure aggregation sums int8 updates; set "
+                                            "compression.update_bits = 8")
+    from fleetfl.privacy.graph import choose_parameters
+
+    try:
+        choose_parameters(config.federation.clients_per_round,
+                          corrupt_fraction=sec.corrupt_fraction,
+                          dropout_fraction=sec.dropout_fraction,
+                          num_neighbours=sec.num_neighbours or None,
+                          threshold=sec.threshold or None)
+    except ValueError as err:
+        key = "secagg.threshold" if sec.threshold else "secagg.num_neighbours"
+        raise ConfigError(key, f"no SecAgg+ parameters for {config.federation.clients_per_round} "
+                               f"clients per round: {err}") from None
 
 
 def parse_override(item: str) -> tuple[str, str, Any]:

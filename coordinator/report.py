@@ -72,6 +72,12 @@ def build_summary(
         # Memory planning: cohort draws left out (no plan fits) and plans a client refused.
         "unfit_total": sum(int(r.get("unfit", 0)) for r in rows),
         "memory_refused_total": sum(int(r.get("memory_refused", 0)) for r in rows),
+        # Secure aggregation's cost: its extra messages (bytes) and the coordinator's compute.
+        "secagg_uplink_bytes_total": sum(int(r.get("secagg_uplink_bytes", 0)) for r in rows),
+        "secagg_downlink_bytes_total": sum(int(r.get("secagg_downlink_bytes", 0))
+                                           for r in rows),
+        "secagg_server_s_total": sum(float(r.get("secagg_server_s", 0.0)) for r in rows),
+        "secagg_rounds_aborted": sum(int(r.get("secagg_aborted", 0)) for r in rows),
         "wall_time_s": wall_time_s,
         "simulated_time_s": last["simulated_time_s"],
         "clients_total": clients_total,

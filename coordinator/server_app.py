@@ -109,7 +109,8 @@ def run_rounds(grid: Grid, config: Config, outcome: RunOutcome,
         ),
         {k: tuple(v.shape) for k, v in model.state_dict().items()},
     )
-    strategy = FleetFedProx(
+    strategy = _strategy(
+        config,
         registry=registry,
         transport=transport,
         settings=settings,
@@ -182,6 +183,22 @@ def model_memory_stats(model: torch.nn.Module, input_shape: tuple[int, ...], *,
     work = copy.deepcopy(model)
     enable_qat(work)
     return training_memory_stats(work, input_shape)
+
+
+def _strategy(config: Config, **kwargs: Any) -> FleetFedProx:
+    """FleetFedProx, or its secure-aggregation variant when ``[secagg] enabled``."""
+    sec = config.secagg
+    if not sec.enabled:
+        return FleetFedProx(**kwargs)
+    from fleetfl.coordinator.secure_strategy import SecureFleetFedProx
+    from fleetfl.privacy import SecAggParams
+
+    params = SecAggParams(num_neighbours=sec.num_neighbours or None,
+                          threshold=sec.threshold or None,
+                          corrupt_fraction=sec.corrupt_fraction,
+                          dropout_fraction=sec.dropout_fraction)
+    return SecureFleetFedProx(secagg=params, timeout_s=config.federation.round_timeout_s,
+                              **kwargs)
 
 
 def _resume(store: RoundStore | None, config: Config, model: torch.nn.Module,

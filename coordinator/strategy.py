@@ -27,6 +27,7 @@ import logging
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -35,6 +36,7 @@ from flwr.serverapp.strategy import FedProx
 
 from fleetfl import protocol as P
 from fleetfl.aggregation.average import weighted_average
+from fleetfl.compression.quantize import dequantize_sum
 from fleetfl.coordinator.planning import PlanSettings, draw_cohort, plan_cohort, probe_plan
 from fleetfl.coordinator.registry import ClientInfo, FleetRegistry
 from fleetfl.coordinator.transport import ModelTransport
@@ -74,11 +76,16 @@ class RoundStats:
     clip: float = math.nan  # shared int8 clip range used this round
     unfit: int = 0  # online clients not selected: no memory plan fits their device
     memory_refused: int = 0  # of the failed: clients that refused a plan over their memory
+    secagg_uplink_bytes: int = 0  # secure aggregation's extra messages, client -> coordinator
+    secagg_downlink_bytes: int = 0  # ... coordinator -> clients (incl. stage 3's requests)
+    secagg_server_s: float = 0.0  # coordinator compute seconds in the protocol
+    secagg_aborted: int = 0  # 1: too few clients to unmask; no model update this round
 
 
 @dataclass(frozen=True)
 class _Reply:
-    delta: dict[str, np.ndarray]
+    node: int
+    update: Any  # int8 or float32 Δ by tensor name; a SecAgg+ record under secure aggregation
     num_examples: int
     samples: int
     loss: float
@@ -115,6 +122,7 @@ class FleetFedProx(FedProx):
         self._keys: list[str] = []
         self._base: dict[str, np.ndarray] = {}
         self._dense_reply_bytes = 0
+        self._omega: dict[int, float] = {}
         # Rounds already finished by an earlier process (resume): Flower's ``start`` counts
         # from 1, the fleet's round numbers (plans, masks, replay checks) go on from here.
         self.round_offset = 0
@@ -151,8 +159,12 @@ class FleetFedProx(FedProx):
                            clip=self.transport.clip, unfit=len(drawn.unfit))
         stats.stragglers = sum(p.straggler for p in self._plans.values())
         messages = []
+        total = sum(c.num_examples for c in cohort)
+        # ω_k = n_k |C| / Σ n_j: the int8 average becomes a sum of integers (P.UPDATE_WEIGHT).
+        self._omega = {c.node_id: c.num_examples * len(cohort) / total for c in cohort}
         for client in cohort:
-            cfg = ConfigRecord({**config, **self._plans[client.node_id].to_config()})
+            cfg = ConfigRecord({**config, **self._plans[client.node_id].to_config(),
+                                P.UPDATE_WEIGHT: self._omega[client.node_id]})
             blob = self.transport.model_blob(client.node_id)
             content = RecordDict({P.CONFIG: cfg, P.PAYLOAD: ConfigRecord({P.MODEL_BLOB: blob})})
             self._down[client.node_id] = P.record_bytes(content)
@@ -226,48 +238,78 @@ class FleetFedProx(FedProx):
                 stats.dropped_stragglers += 1
                 continue
             # Weight by the example count the client registered with, not what it claims now.
-            kept.append(_Reply(reply.delta, self._cohort[node].num_examples, reply.samples,
-                               reply.loss))
+            kept.append(_Reply(node, reply.update, self._cohort[node].num_examples,
+                               reply.samples, reply.loss))
         # Error replies, silence and the SuperLink's "node unavailable" replies alike.
         stats.failed = stats.selected - len(answered)
         for node in set(self._cohort) - answered:
             self.transport.forget(node)
         stats.round_time_s = round_time_s(waited, self.settings.deadline_s)
         stats.aggregated = len(kept)
-        self.transport.end_round()
-        if not kept:
+        mean_delta = self._combine(kept, stats) if kept else None
+        self.transport.end_round()  # after _combine: secure aggregation sums the tail counts
+        if mean_delta is None:
             log.warning("round %d: no usable update; the global model is unchanged", server_round)
             return None, None
         weights = [r.num_examples for r in kept]
         stats.client_train_loss = float(np.average([r.loss for r in kept], weights=weights))
-        mean_delta = weighted_average([[r.delta[k] for k in self._keys] for r in kept], weights)
-        new = [self._base[k] + d for k, d in zip(self._keys, mean_delta, strict=True)]
+        new = [self._base[k] + d.astype(self._base[k].dtype, copy=False)
+               for k, d in zip(self._keys, mean_delta, strict=True)]
         metrics = MetricRecord(
             {P.TRAIN_LOSS: stats.client_train_loss, P.NUM_EXAMPLES: int(sum(weights))}
         )
         return P.arrays_to_record(self._keys, new), metrics
 
+    def _combine(self, kept: list[_Reply], stats: RoundStats) -> list[np.ndarray] | None:
+        """The kept replies' average Δ, tensors in ``self._keys`` order (``None``: no update).
+
+        float32: Σ n_k Δ_k / Σ n_k. int8: the clients sent q_k ≈ ω_k Δ_k / scale, so the
+        average is scale · Σ q_k / Σ ω_k, an exact integer sum first (as secure aggregation
+        computes it; the same seeds give the same model with and without it).
+        """
+        if self.transport.settings.update_bits == 32:
+            weights = [r.num_examples for r in kept]
+            return weighted_average([[r.update[k] for k in self._keys] for r in kept], weights)
+        q_sum = {k: sum(r.update[k].astype(np.int64) for r in kept) for k in self._keys}
+        return self._mean_from_sum(q_sum, [r.node for r in kept])
+
+    def _mean_from_sum(self, q_sum: dict[str, np.ndarray], nodes: list[int]) -> list[np.ndarray]:
+        """scale · Σ q_k / Σ ω_k per tensor, from the int64 sum of the int8 updates of ``nodes``."""
+        omega = sum(self._omega[n] for n in nodes)
+        return [dequantize_sum(q_sum[k], self.transport.clip) / omega for k in self._keys]
+
     def _read_reply(self, msg: Message) -> _Reply:
         """Validate one training reply (raises :class:`ReplyError` naming the problem)."""
         content = msg.content
-        if P.PAYLOAD not in content.config_records or P.METRICS not in content.metric_records:
-            raise ReplyError(f"reply lacks '{P.PAYLOAD}' or '{P.METRICS}'")
+        if P.METRICS not in content.metric_records:
+            raise ReplyError(f"reply lacks '{P.METRICS}'")
         metrics = content.metric_records[P.METRICS]
         try:
             n = int(metrics[P.NUM_EXAMPLES])
             samples = int(metrics[P.SAMPLES_PROCESSED])
             loss = float(metrics[P.TRAIN_LOSS])
-            tail = list(metrics[P.CLIP_TAIL])  # type: ignore[arg-type]
+        except (KeyError, TypeError, ValueError) as err:
+            raise ReplyError(f"bad metrics: {err!r}") from None
+        if n <= 0 or samples < 0 or not math.isfinite(loss):
+            raise ReplyError(f"implausible reply: {n=} {samples=} {loss=}")
+        node = msg.metadata.src_node_id
+        return _Reply(node, self._read_update(msg), n, samples, loss)
+
+    def _read_update(self, msg: Message) -> Any:
+        """The reply's update: the codec blob decoded and validated (int8 stays int8)."""
+        content = msg.content
+        try:
+            tail = list(content.metric_records[P.METRICS][P.CLIP_TAIL])  # type: ignore[arg-type]
             blob = content.config_records[P.PAYLOAD][P.UPDATE_BLOB]
         except (KeyError, TypeError, ValueError) as err:
-            raise ReplyError(f"bad metrics or payload: {err!r}") from None
-        if n <= 0 or samples < 0 or not math.isfinite(loss) or not isinstance(blob, bytes):
-            raise ReplyError(f"implausible reply: {n=} {samples=} {loss=}")
+            raise ReplyError(f"bad payload: {err!r}") from None
+        if not isinstance(blob, bytes):
+            raise ReplyError(f"update blob is {type(blob).__name__}, not bytes")
         try:
-            delta = self.transport.decode_update(msg.metadata.src_node_id, blob, tail)
+            return self.transport.decode_update(msg.metadata.src_node_id, blob, tail,
+                                                dequantize=False)
         except ValueError as err:  # CodecError included
             raise ReplyError(str(err)) from None
-        return _Reply(delta, n, samples, loss)
 
 
 def _plain_flower_reply_bytes(arrays: ArrayRecord) -> int:

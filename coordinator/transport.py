@@ -89,9 +89,10 @@ class ModelTransport:
         lean, full = self._blobs
         return lean if self._holds.get(node_id) == self.mask_id else full
 
-    def decode_update(self, node_id: int, blob: bytes,
-                      tail: Sequence[int]) -> dict[str, np.ndarray]:
-        """Validate and dequantize one client's update (float32 Δ, full shapes).
+    def decode_update(self, node_id: int, blob: bytes, tail: Sequence[int], *,
+                      dequantize: bool = True) -> dict[str, np.ndarray]:
+        """Validate and dequantize one client's update (float32 Δ, full shapes; with
+        ``dequantize=False`` an int8 update stays int8, for summing integers).
 
         Raises ``ValueError`` (``CodecError`` for the blob) naming the problem; on success the
         client is known to hold this round's mask and its tail counts join the cohort's.
@@ -109,7 +110,7 @@ class ModelTransport:
         delta = {}
         for name in self.shapes:
             dense = update.dense(name, self.masks.get(name))
-            delta[name] = dequantize_int8(dense, self.clip) if int8 else dense
+            delta[name] = dequantize_int8(dense, self.clip) if int8 and dequantize else dense
         self._holds[node_id] = self.mask_id
         self._tail = self._tail + counts
         return delta
@@ -123,6 +124,33 @@ class ModelTransport:
         self.mask_id = mask_id(self.masks)
         self.clip = float(clip)
         self._holds.clear()
+
+    def record_tail(self, counts: TailCounts) -> None:
+        """Add a cohort's summed tail counts (secure aggregation: they arrive in the sum)."""
+        self._tail = self._tail + counts
+
+    @property
+    def kept_count(self) -> int:
+        """Values a client's update carries: unpruned coordinates over all tensors."""
+        return sum(int(self.masks[k].sum()) if k in self.masks else int(np.prod(shape))
+                   for k, shape in self.shapes.items())
+
+    def scatter(self, values: np.ndarray) -> dict[str, np.ndarray]:
+        """Kept values (tensors in order, each flattened in C order) -> full-shape arrays."""
+        out, start = {}, 0
+        for name, shape in self.shapes.items():
+            dense = np.zeros(shape, dtype=values.dtype)
+            mask = self.masks.get(name)
+            count = int(mask.sum()) if mask is not None else dense.size
+            segment = values[start : start + count]
+            if mask is not None:
+                dense[mask] = segment
+            else:
+                dense = segment.reshape(shape)
+            out[name], start = dense, start + count
+        if start != len(values):
+            raise ValueError(f"{len(values)} values for {start} kept coordinates")
+        return out
 
     def forget(self, node_id: int) -> None:
         """``node_id`` failed: it may have lost its cached mask, so resend the bitmaps."""

@@ -57,6 +57,13 @@ SAMPLES_PROCESSED = "samples-processed"
 STEPS = "steps"
 TRAIN_LOSS = "train-loss"
 CLIP_TAIL = "clip-tail"  # int8 tail counts of the client's quantized values (list[int])
+# int8 transport: the client quantizes UPDATE_WEIGHT * Δ, ω_k = n_k |C| / Σ_C n_j (the cohort's
+# mean is 1), so the coordinator's average is an integer sum: Σ q_k · scale / Σ ω_k.
+UPDATE_WEIGHT = "update-weight"
+
+# Secure aggregation (docs/secagg.md): the SecAgg+ message of the stage, as a ConfigRecord.
+SECAGG = "secagg"
+SECAGG_QUERY = "query.secagg"  # message type of stages 1, 2 and 4; stage 3 rides on "train"
 
 # The memory plan inside a train config (spelled in fleetfl.devices.memory_planner, which the
 # coordinator and clients both use to write and read them).

@@ -21,10 +21,12 @@ class LoopbackGrid:
     """Nodes ``1000 + i`` are simulated clients with ``partition-id`` i."""
 
     def __init__(self, num_clients: int, tamper: dict[int, Tamper] | None = None,
-                 crash: Iterable[int] = ()) -> None:
+                 crash: Iterable[int] = (),
+                 silent: Callable[[Message], bool] | None = None) -> None:
         self.nodes = {1000 + i: i for i in range(num_clients)}
         self.tamper = tamper or {}
         self.crash = set(crash)
+        self.silent = silent  # True for a message whose node never answers (it vanished)
         self.sent: list[Message] = []
         # Flower keeps one Context per node across rounds (context.state is the client's memory).
         self.contexts = {node: Context(run_id=1, node_id=node, node_config={"partition-id": i},
@@ -44,6 +46,8 @@ class LoopbackGrid:
             self.sent.append(msg)
             node = msg.metadata.dst_node_id
             index = self.nodes[node]
+            if self.silent is not None and self.silent(msg):
+                continue
             if index in self.crash and msg.metadata.message_type == "train":
                 replies.append(Message(Error(code=1, reason="device crashed"), reply_to=msg))
                 continue

@@ -15,9 +15,8 @@ One scenario, run once (module fixture), observed by four tests:
    and must resume after the last committed round, run every remaining round exactly once,
    and finish.
 
-Compression and secure aggregation plug in through the run configuration: add their keys to
-``EXTRA_SET`` (or ``FLEETFL_E2E_SET="section.key=value ..."``) and the same scenario runs with
-them. ``FLEETFL_CLI`` runs another ``fleetfl`` command (e.g. an installed one).
+Compression and secure aggregation are on (``EXTRA_SET``; ``FLEETFL_E2E_SET="section.key=value
+..."`` adds more). ``FLEETFL_CLI`` runs another ``fleetfl`` command (e.g. an installed one).
 """
 
 from __future__ import annotations
@@ -47,9 +46,9 @@ ROUNDS = 4
 ROUND_TIMEOUT_S = 90  # wait this long for devices to join, and for a dead one's reply
 CLI = shlex.split(os.environ.get("FLEETFL_CLI", f"{sys.executable} -m fleetfl.coordinator.cli"))
 # The deployed run compresses (int8 updates, pruning to 50 % by round 3, so the resumed run
-# must restore the masks); secure aggregation's keys join this list when it lands.
+# must restore the masks) and aggregates securely (SecAgg+: 4 exchanges per round).
 EXTRA_SET: list[str] = ["compression.update_bits=8", "compression.prune_final_sparsity=0.5",
-                        "compression.prune_end_round=3",
+                        "compression.prune_end_round=3", "secagg.enabled=true",
                         *shlex.split(os.environ.get("FLEETFL_E2E_SET", ""))]
 STEP_TIMEOUT_S = 420.0  # generous: this machine is shared; a round takes seconds when idle
 
@@ -199,6 +198,7 @@ def test_rounds_complete_over_tls_with_node_auth(deployment: Deployment) -> None
     assert all(r["aggregated"] >= 2 for r in rows)
     assert rows[-1]["accuracy"] > max(0.5, rows[0]["accuracy"])
     assert rows[-1]["sparsity"] == pytest.approx(0.5, abs=0.02)  # compression ran, and resumed
+    assert all(r["secagg_aborted"] == 0 and r["secagg_uplink_bytes"] > 0 for r in rows)
 
 
 def test_client_killed_mid_round_the_round_completes(deployment: Deployment) -> None:

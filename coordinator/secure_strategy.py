@@ -1,0 +1,147 @@
+"""SecureFleetFedProx: FleetFedProx whose coordinator learns only the cohort's sum (SecAgg+).
+
+The protocol is :mod:`fleetfl.privacy` (pure state machines); this class carries its messages
+on Flower's Message API (docs/secagg.md §7):
+
+=====  ================================================  =====================================
+stage  coordinator -> client                             client -> coordinator
+=====  ================================================  =====================================
+1      ``query.secagg``: ``Setup``                       ``AdvertiseKeys``
+2      ``query.secagg``: ``ShareKeysRequest``            ``ShareKeys``
+3      ``train`` (model, plan) + ``MaskedInputRequest``  metrics + ``MaskedInput`` (no update)
+4      ``query.secagg``: ``UnmaskRequest``               ``UnmaskShares``
+=====  ================================================  =====================================
+
+Each client masks one int8 vector: its update ω_k Δ_k on the unpruned coordinates (tensors in
+order) followed by its int8 tail counts (clamped to 127, :mod:`fleetfl.client.secure`). The
+unmasked sum gives the round's average exactly as the plain int8 path computes it,
+``scale · Σ q_k / Σ ω_k`` over the survivors, and the cohort's tail counts for the next clip
+range. Replies dropped for the deadline or as stragglers are left out of the sum like clients
+that dropped out. If too few clients remain to unmask, the round ends with no model update
+(``RoundStats.secagg_aborted``).
+
+Not checked under secure aggregation, by design: the update's values (NaN, range) — the
+coordinator never sees them; the ring embedding bounds every value to [-127, 127].
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.serverapp import Grid
+
+from fleetfl import protocol as P
+from fleetfl.compression.quantize import TAIL_LEVELS, TailCounts
+from fleetfl.coordinator.strategy import FleetFedProx, ReplyError, RoundStats, _Reply
+from fleetfl.privacy import SecAggAbort, SecAggParams, SecAggServer
+
+log = logging.getLogger(__name__)
+
+
+class SecureFleetFedProx(FleetFedProx):
+    """FleetFedProx with SecAgg+ over the int8 updates (``[secagg] enabled = true``)."""
+
+    def __init__(self, *, secagg: SecAggParams, timeout_s: float, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if self.transport.settings.update_bits != 8:
+            raise ValueError("secure aggregation sums int8 updates (compression.update_bits=8)")
+        self.secagg = secagg
+        self.timeout_s = timeout_s
+        self._grid: Grid | None = None
+        self._server: SecAggServer | None = None
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Draw the cohort and plan it (as FleetFedProx), run stages 1-2, attach stage 3."""
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        stats = self.history[-1]
+        self._grid, self._server = grid, None
+        nodes = [m.metadata.dst_node_id for m in messages]
+        try:
+            self._server = SecAggServer(nodes, self.transport.kept_count + TAIL_LEVELS,
+                                        round=stats.server_round, params=self.secagg)
+            setup = self._server.setup()
+            adverts = self._exchange(dict.fromkeys(nodes, setup))
+            shares = self._exchange(self._server.share_keys_requests(adverts))
+            requests = self._server.masked_input_requests(shares)
+        except (SecAggAbort, ValueError) as err:  # ValueError: no (k, t) for this cohort
+            self._abort(stats, err)
+            return []
+        out = []
+        for msg in messages:
+            request = requests.get(msg.metadata.dst_node_id)
+            if request is None:
+                continue  # dropped out during key exchange: no work (counted as failed)
+            record = ConfigRecord(request.to_config())
+            msg.content[P.SECAGG] = record
+            stats.secagg_downlink_bytes += P.record_bytes(RecordDict({P.SECAGG: record}))
+            out.append(msg)
+        return out
+
+    def _read_update(self, msg: Message) -> Any:
+        """A reply's update is its masked input (checked by the protocol when unmasking)."""
+        record = msg.content.config_records.get(P.SECAGG)
+        if record is None:
+            raise ReplyError(f"reply lacks the '{P.SECAGG}' record (masked input)")
+        return record
+
+    def _combine(self, kept: list[_Reply], stats: RoundStats) -> list[np.ndarray] | None:
+        """Stage 4 and the unmasked sum of the kept replies: the round's average Δ."""
+        server = self._server
+        if server is None:
+            return None
+        try:
+            unmask = server.unmask_requests({r.node: r.update for r in kept})
+            result = server.finish(self._exchange(unmask))
+        except SecAggAbort as err:
+            self._abort(stats, err)
+            return None
+        finally:
+            stats.secagg_server_s = sum(server.stats.seconds.values())
+            stats.rejected += len(server.rejections)
+            for rejection in server.rejections:
+                log.warning("round %d: secure aggregation rejected %s", stats.server_round,
+                            rejection)
+        survivors = list(result.survivors)
+        stats.aggregated = len(survivors)
+        values, tail = result.sum[:-TAIL_LEVELS], result.sum[-TAIL_LEVELS:]
+        self.transport.record_tail(TailCounts(self.transport.kept_count * len(survivors),
+                                              tuple(int(t) for t in tail)))
+        return self._mean_from_sum(self.transport.scatter(values), survivors)
+
+    def _exchange(self, requests: Mapping[int, Any]) -> dict[int, ConfigRecord]:
+        """Send one stage's requests as ``query.secagg``; the usable replies by node id.
+
+        An error reply, a missing reply or one without the record is a dropout at this stage.
+        """
+        assert self._grid is not None
+        stats = self.history[-1]
+        messages = []
+        for node, request in requests.items():
+            content = RecordDict({P.SECAGG: ConfigRecord(request.to_config())})
+            stats.secagg_downlink_bytes += P.record_bytes(content)
+            messages.append(Message(content, dst_node_id=node, message_type=P.SECAGG_QUERY))
+        replies: dict[int, ConfigRecord] = {}
+        for reply in self._grid.send_and_receive(messages, timeout=self.timeout_s):
+            node = reply.metadata.src_node_id
+            if reply.has_error() or node not in requests:
+                why = reply.error.reason if reply.has_error() else "not asked"
+                log.warning("round %d: secure aggregation: node %d dropped out: %s",
+                            stats.server_round, node, why)
+                continue
+            record = reply.content.config_records.get(P.SECAGG)
+            if record is not None:
+                stats.secagg_uplink_bytes += P.record_bytes(reply.content)
+                replies[node] = record
+        return replies
+
+    @staticmethod
+    def _abort(stats: RoundStats, err: Exception) -> None:
+        stats.secagg_aborted, stats.aggregated = 1, 0
+        log.warning("round %d: secure aggregation aborted, no model update: %s",
+                    stats.server_round, err)
