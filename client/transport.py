@@ -16,6 +16,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, RecordDict
 
 from fleetfl.compression.codec import decode_model, encode_update, model_size_bound
+from fleetfl.compression.masks import sparse_values
 from fleetfl.compression.quantize import (
     ErrorFeedback,
     TailCounts,
@@ -108,7 +109,7 @@ def quantize_update(local: Mapping[str, np.ndarray], received: ReceivedModel, *,
 def kept_values(q: Mapping[str, np.ndarray], masks: Mapping[str, np.ndarray]
                 ) -> dict[str, np.ndarray]:
     """Each tensor's unpruned values, flattened in C order (what a sparse update carries)."""
-    return {k: (v[masks[k]] if k in masks else v.ravel()) for k, v in q.items()}
+    return {k: sparse_values(v, masks.get(k)) for k, v in q.items()}
 
 
 def _delta(local: Mapping[str, np.ndarray], received: ReceivedModel) -> dict[str, np.ndarray]:

@@ -12,6 +12,7 @@ cohort's summed tail counts.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -24,6 +25,7 @@ from fleetfl.compression.masks import (
     global_magnitude_masks,
     mask_id,
     prunable,
+    scatter_values,
     sparsity_of,
 )
 from fleetfl.compression.quantize import (
@@ -132,22 +134,17 @@ class ModelTransport:
     @property
     def kept_count(self) -> int:
         """Values a client's update carries: unpruned coordinates over all tensors."""
-        return sum(int(self.masks[k].sum()) if k in self.masks else int(np.prod(shape))
+        return sum(int(self.masks[k].sum()) if k in self.masks else math.prod(shape)
                    for k, shape in self.shapes.items())
 
     def scatter(self, values: np.ndarray) -> dict[str, np.ndarray]:
         """Kept values (tensors in order, each flattened in C order) -> full-shape arrays."""
         out, start = {}, 0
         for name, shape in self.shapes.items():
-            dense = np.zeros(shape, dtype=values.dtype)
             mask = self.masks.get(name)
-            count = int(mask.sum()) if mask is not None else dense.size
-            segment = values[start : start + count]
-            if mask is not None:
-                dense[mask] = segment
-            else:
-                dense = segment.reshape(shape)
-            out[name], start = dense, start + count
+            count = int(mask.sum()) if mask is not None else math.prod(shape)
+            out[name] = scatter_values(values[start : start + count], mask, shape)
+            start += count
         if start != len(values):
             raise ValueError(f"{len(values)} values for {start} kept coordinates")
         return out
