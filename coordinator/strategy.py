@@ -36,7 +36,7 @@ from flwr.serverapp.strategy import FedProx
 
 from fleetfl import protocol as P
 from fleetfl.aggregation.average import weighted_average
-from fleetfl.compression.quantize import dequantize_sum
+from fleetfl.aggregation.int8_mean import int8_weighted_mean, update_weights
 from fleetfl.coordinator.planning import PlanSettings, draw_cohort, plan_cohort, probe_plan
 from fleetfl.coordinator.registry import ClientInfo, FleetRegistry
 from fleetfl.coordinator.transport import ModelTransport
@@ -159,9 +159,9 @@ class FleetFedProx(FedProx):
                            clip=self.transport.clip, unfit=len(drawn.unfit))
         stats.stragglers = sum(p.straggler for p in self._plans.values())
         messages = []
-        total = sum(c.num_examples for c in cohort)
         # ω_k = n_k |C| / Σ n_j: the int8 average becomes a sum of integers (P.UPDATE_WEIGHT).
-        self._omega = {c.node_id: c.num_examples * len(cohort) / total for c in cohort}
+        self._omega = (update_weights({c.node_id: c.num_examples for c in cohort})
+                       if cohort else {})
         for client in cohort:
             cfg = ConfigRecord({**config, **self._plans[client.node_id].to_config(),
                                 P.UPDATE_WEIGHT: self._omega[client.node_id]})
@@ -265,7 +265,8 @@ class FleetFedProx(FedProx):
 
         float32: Σ n_k Δ_k / Σ n_k. int8: the clients sent q_k ≈ ω_k Δ_k / scale, so the
         average is scale · Σ q_k / Σ ω_k, an exact integer sum first (as secure aggregation
-        computes it; the same seeds give the same model with and without it).
+        computes it; the same seeds give the same model with and without it). The math and
+        its error bound: :mod:`fleetfl.aggregation.int8_mean`.
         """
         if self.transport.settings.update_bits == 32:
             weights = [r.num_examples for r in kept]
@@ -276,7 +277,7 @@ class FleetFedProx(FedProx):
     def _mean_from_sum(self, q_sum: dict[str, np.ndarray], nodes: list[int]) -> list[np.ndarray]:
         """scale · Σ q_k / Σ ω_k per tensor, from the int64 sum of the int8 updates of ``nodes``."""
         omega = sum(self._omega[n] for n in nodes)
-        return [dequantize_sum(q_sum[k], self.transport.clip) / omega for k in self._keys]
+        return [int8_weighted_mean(q_sum[k], omega, self.transport.clip) for k in self._keys]
 
     def _read_reply(self, msg: Message) -> _Reply:
         """Validate one training reply (raises :class:`ReplyError` naming the problem)."""

@@ -3,6 +3,8 @@
 This stands in for Flower's transport only (which has its own tests and is exercised by the
 end-to-end runs); the ServerApp, strategy and ClientApp code under test are the real ones.
 ``tamper`` lets a test corrupt one client's reply, as a faulty or malicious device would.
+``sent`` and ``received`` record every message the coordinator sent and every reply it got back
+(after tampering, as the coordinator saw it), so a test can check what crossed the wire.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ class LoopbackGrid:
         self.crash = set(crash)
         self.silent = silent  # True for a message whose node never answers (it vanished)
         self.sent: list[Message] = []
+        self.received: list[Message] = []  # every reply returned to the coordinator, in order
         # Flower keeps one Context per node across rounds (context.state is the client's memory).
         self.contexts = {node: Context(run_id=1, node_id=node, node_config={"partition-id": i},
                                        state=RecordDict(), run_config={})
@@ -55,4 +58,5 @@ class LoopbackGrid:
             if index in self.tamper and msg.metadata.message_type == "train":
                 reply = self.tamper[index](reply)
             replies.append(reply)
+        self.received.extend(replies)
         return replies

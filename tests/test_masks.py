@@ -1,6 +1,5 @@
 """Pruning masks: the cubic schedule, global magnitude masks, applying them, bitmaps and ids."""
 
-import inspect
 import math
 
 import numpy as np
@@ -218,22 +217,40 @@ def test_masks_stay_applied_through_local_fedprox_training():
     assert (model.state_dict()[name][torch.from_numpy(~masks[name])] != 0).any()
 
 
-@pytest.mark.skipif("post_step" not in inspect.signature(fedprox_train).parameters,
-                    reason="fedprox_train has no post_step hook yet (proposed in issue 3)")
 def test_post_step_hook_keeps_masks_through_fedprox_training():
-    """With the proposed hook, one multi-step FedProx call (one anchor, one batch order)."""
-    model = _cnn(1)
-    x, y = torch.randn(64, 1, 8, 8), torch.randint(0, 10, (64,))
-    state = {k: v.numpy() for k, v in model.state_dict().items()}
-    masks = global_magnitude_masks(state, 0.8, prunable(list(state),
-                                                        [v.shape for v in state.values()]))
-    apply_masks_torch_(model, masks)
+    """The hook: one multi-step FedProx call (one anchor, one batch order), masks kept."""
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(64, 1, 8, 8, generator=gen), torch.randint(0, 10, (64,), generator=gen)
+
+    def pruned_model() -> tuple[torch.nn.Module, dict[str, np.ndarray]]:
+        model = _cnn(1)
+        state = {k: v.numpy() for k, v in model.state_dict().items()}
+        masks = global_magnitude_masks(state, 0.8, prunable(list(state),
+                                                            [v.shape for v in state.values()]))
+        apply_masks_torch_(model, masks)
+        return model, masks
+
+    model, masks = pruned_model()
+    start = {k: v.clone() for k, v in model.state_dict().items()}
     params = dict(model.named_parameters())
     torch_masks = {k: torch.from_numpy(m) for k, m in masks.items()}
-    fedprox_train(model, x, y, mu=0.1, lr=0.1, batch_size=16, steps=8, seed=0,
-                  post_step=lambda: apply_masks_torch_(params, torch_masks))
+    calls = []
+
+    def hook() -> None:
+        calls.append(1)
+        apply_masks_torch_(params, torch_masks)
+
+    fedprox_train(model, x, y, mu=0.1, lr=0.1, batch_size=16, steps=8, seed=0, post_step=hook)
+    assert len(calls) == 8
     for name, mask in masks.items():
-        assert (model.state_dict()[name][torch.from_numpy(~mask)] == 0).all()
+        pruned = torch.from_numpy(~mask)
+        assert (model.state_dict()[name][pruned] == 0).all()
+        assert not torch.equal(model.state_dict()[name][~pruned], start[name][~pruned])
+    # The same call without the hook revives pruned weights in every masked tensor.
+    bare, masks = pruned_model()
+    fedprox_train(bare, x, y, mu=0.1, lr=0.1, batch_size=16, steps=8, seed=0)
+    for name, mask in masks.items():
+        assert (bare.state_dict()[name][torch.from_numpy(~mask)] != 0).any(), name
 
 
 # ------------------------------------------------------------------ ids, bitmaps, sparse values

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from fleetfl.compression.qat import RangeObserver, enable_qat, fake_quant_weight
+from fleetfl.compression.qat import WEIGHT_QMAX, RangeObserver, enable_qat, fake_quant_weight
 from fleetfl.tasks.models import build_model
 
 
@@ -35,10 +35,10 @@ def _batch(n: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
 def test_weight_fake_quant_is_per_channel_symmetric_int8() -> None:
     w = torch.randn(6, 4, 3, 3) * torch.arange(1, 7).view(-1, 1, 1, 1)  # very different scales
     q = fake_quant_weight(w)
-    scale = w.abs().amax(dim=(1, 2, 3)) / 127
+    scale = w.abs().amax(dim=(1, 2, 3)) / WEIGHT_QMAX
     levels = q / scale.view(-1, 1, 1, 1)
     assert torch.allclose(levels, levels.round(), atol=1e-3)
-    assert levels.abs().max() <= 127 + 1e-3
+    assert levels.abs().max() <= WEIGHT_QMAX + 1e-3
     # The largest weight of each channel is exactly representable; rounding error <= scale/2.
     assert torch.allclose(q.abs().amax(dim=(1, 2, 3)), w.abs().amax(dim=(1, 2, 3)))
     assert ((q - w).abs() <= scale.view(-1, 1, 1, 1) / 2 + 1e-6).all()

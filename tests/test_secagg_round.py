@@ -39,8 +39,25 @@ def _weights(outcome: RunOutcome) -> list[np.ndarray]:
     return outcome.final_arrays.to_numpy_ndarrays()
 
 
+def _carries_update_blob(reply: Message) -> bool:
+    """The reply has a codec update blob (``payload['update']``): one client's own Δ."""
+    payload = reply.content.config_records.get(P.PAYLOAD)
+    return payload is not None and P.UPDATE_BLOB in payload
+
+
+def _carries_tail_counts(reply: Message) -> bool:
+    """Some metrics record of the reply has the client's own int8 tail counts."""
+    return any(P.CLIP_TAIL in record for record in reply.content.metric_records.values())
+
+
+def _train_replies(grid: LoopbackGrid) -> list[Message]:
+    replies = [m for m in grid.received if m.metadata.message_type == "train"]
+    assert not any(m.has_error() for m in replies)
+    return replies
+
+
 def test_secure_aggregation_gives_the_plain_int8_model_exactly() -> None:
-    plain, _ = _run([])
+    plain, plain_grid = _run([])
     secure, grid = _run(["secagg.enabled=true"])
     for a, b in zip(_weights(plain), _weights(secure), strict=True):
         np.testing.assert_array_equal(a, b)
@@ -49,11 +66,20 @@ def test_secure_aggregation_gives_the_plain_int8_model_exactly() -> None:
     for row in secure.rows:
         assert row["aggregated"] == row["selected"] >= 5 and row["secagg_aborted"] == 0
         assert row["secagg_uplink_bytes"] > 0 and row["secagg_downlink_bytes"] > 0
-    # The coordinator never received an update blob or per-client tail counts.
-    replies = [m for m in grid.sent if m.metadata.message_type == "train"]
+    # The coordinator never received an update blob or per-client tail counts: every train
+    # reply it got back is a masked SecAgg+ input, and no reply of any kind has either.
+    replies = _train_replies(grid)
+    assert len(replies) == sum(row["selected"] for row in secure.rows)
     assert all(P.SECAGG in m.content.config_records for m in replies)
+    assert not any(_carries_update_blob(m) or _carries_tail_counts(m) for m in grid.received)
+    # The same checks see them in the plain run (they are not vacuous).
+    plain_replies = _train_replies(plain_grid)
+    assert len(plain_replies) == sum(row["selected"] for row in plain.rows)
+    assert all(_carries_update_blob(m) and _carries_tail_counts(m) for m in plain_replies)
+    assert not any(P.SECAGG in m.content.config_records for m in plain_replies)
     kinds = {m.metadata.message_type for m in grid.sent}
     assert kinds == {"query", "train", P.SECAGG_QUERY}
+    assert {m.metadata.message_type for m in grid.received} == kinds
 
 
 def _vanish(stage_type: int, nodes: set[int]):

@@ -55,13 +55,27 @@ def test_large_mu_keeps_the_model_near_the_anchor():
 
 
 def test_partial_work_is_a_prefix_of_full_work():
-    """A straggler doing k steps ends where the full run was after k steps (same seed)."""
+    """A straggler doing k steps ends where the full run was after k steps (same seed).
+
+    12 steps of batch 4 over 30 examples cross an epoch boundary (8 batches per epoch), so
+    the prefix holds across the permutation redrawn for the second epoch too.
+    """
     x, y = torch.randn(30, 5), torch.randint(0, 3, (30,))
+    k = 5
     short, long_ = _logreg(), _logreg()
-    fedprox_train(short, x, y, mu=0.1, lr=0.1, batch_size=4, steps=5, seed=3)
-    res = fedprox_train(long_, x, y, mu=0.1, lr=0.1, batch_size=4, steps=12, seed=3)
-    assert res.steps == 12
+    res_short = fedprox_train(short, x, y, mu=0.1, lr=0.1, batch_size=4, steps=k, seed=3)
+    assert res_short.steps == k
+    after: list[list[torch.Tensor]] = []  # long_'s parameters after each of its steps
+
+    def snapshot() -> None:
+        after.append([p.detach().clone() for p in long_.parameters()])
+
+    res = fedprox_train(long_, x, y, mu=0.1, lr=0.1, batch_size=4, steps=12, seed=3,
+                        post_step=snapshot)
+    assert res.steps == 12 and len(after) == 12
+    # Same batches, same anchor, same float operations: bit-for-bit the same parameters.
+    for p, q in zip(short.parameters(), after[k - 1], strict=True):
+        torch.testing.assert_close(p.detach(), q, rtol=0, atol=0)
+    # ... and not trivially: the run moved on after step k, and step k-1 was elsewhere.
     assert not torch.allclose(short[1].weight, long_[1].weight)
-    again = _logreg()
-    fedprox_train(again, x, y, mu=0.1, lr=0.1, batch_size=4, steps=5, seed=3)
-    torch.testing.assert_close(short[1].weight, again[1].weight)
+    assert not torch.allclose(short[1].weight, after[k - 2][0])
