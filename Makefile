@@ -1,24 +1,44 @@
 # fleetfl: `make demo` and `make test` work from a fresh clone (they create .venv/ themselves).
+#
+# Installs are locked: locks/<extra>-<arch>.txt pins every package with its hashes, one file per
+# install path (coordinator, dev, device) and platform (x86_64, aarch64), for CPython 3.11.
+# `make lock` re-resolves them with uv; `make test-latest` runs the suite on the newest versions
+# pyproject.toml allows, so drift shows up as a known failure before the locks move.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
-# CPU-only torch, pinned and installed first so no resolver ever pulls a CUDA build.
+ARCH := $(shell uname -m)
+LOCKS := locks
+ARCHES := x86_64 aarch64
+UV_VERSION := 0.13.9
+# CPU-only torch, pinned and installed first so no resolver ever pulls a CUDA build. On x86_64
+# the locks pin the CPU build (2.13.0+cpu), which pip finds in a find-links directory or
+# PyTorch's CPU wheel index; on aarch64 PyPI's torch (<2.11) is the CPU build.
 TORCH_PIN := torch==2.13.0
+TORCH_FIRST := $(if $(filter x86_64,$(ARCH)),$(PIP) install -q $(TORCH_PIN),@true)
+LATEST_VENV := .venv-latest
 
-.PHONY: demo test lint install install-dev clean
+.PHONY: demo test test-latest lint install install-dev lock check-arch clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-$(VENV)/.installed: pyproject.toml | $(PY)
-	$(PIP) install -q $(TORCH_PIN)
-	$(PIP) install -q -e ".[coordinator]"
+check-arch:
+	@test -f $(LOCKS)/dev-$(ARCH).txt || { echo "fleetfl: no lock for $(ARCH) (locks exist \
+	for: $(ARCHES)); install unlocked with: pip install -e '.[dev]'" >&2; exit 2; }
+
+# --require-hashes: every package, dependencies included, must match the lock's hash.
+$(VENV)/.installed: pyproject.toml $(LOCKS)/coordinator-$(ARCH).txt | check-arch $(PY)
+	$(TORCH_FIRST)
+	$(PIP) install -q --require-hashes -r $(LOCKS)/coordinator-$(ARCH).txt
+	$(PIP) install -q --no-deps -e .
 	touch $@
 
-$(VENV)/.installed-dev: pyproject.toml | $(PY)
-	$(PIP) install -q $(TORCH_PIN)
-	$(PIP) install -q -e ".[dev]"
+$(VENV)/.installed-dev: pyproject.toml $(LOCKS)/dev-$(ARCH).txt | check-arch $(PY)
+	$(TORCH_FIRST)
+	$(PIP) install -q --require-hashes -r $(LOCKS)/dev-$(ARCH).txt
+	$(PIP) install -q --no-deps -e .
 	touch $@ $(VENV)/.installed
 
 install: $(VENV)/.installed
@@ -34,5 +54,30 @@ test: install-dev
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
 
+# The newest versions pyproject.toml allows, in a venv of their own (the locked .venv stays).
+test-latest:
+	$(PYTHON) -m venv $(LATEST_VENV)
+	$(if $(filter x86_64,$(ARCH)),$(LATEST_VENV)/bin/pip install -q $(TORCH_PIN),@true)
+	$(LATEST_VENV)/bin/pip install -q --upgrade --upgrade-strategy eager -e ".[dev]"
+	$(LATEST_VENV)/bin/pip list --format freeze > $(LATEST_VENV)/versions.txt
+	$(LATEST_VENV)/bin/ruff check .
+	$(LATEST_VENV)/bin/python -m pytest -q
+
+# Re-resolve every lock with uv (dev first; the others are constrained to its versions so
+# that one venv can hold any two of them). PIP_FIND_LINKS, if set, is where the CPU torch
+# wheel for x86_64 is found.
+lock: | $(PY)
+	$(PIP) install -q uv==$(UV_VERSION)
+	mkdir -p $(LOCKS)
+	set -e; for arch in $(ARCHES); do \
+	  opts="--python-version 3.11 --python-platform $$arch-manylinux_2_28 --generate-hashes \
+	    --custom-compile-command 'make lock' --quiet $(if $(PIP_FIND_LINKS),--find-links $(PIP_FIND_LINKS))"; \
+	  eval $(VENV)/bin/uv pip compile pyproject.toml --extra dev $$opts -o $(LOCKS)/dev-$$arch.txt; \
+	  eval $(VENV)/bin/uv pip compile pyproject.toml --extra coordinator $$opts \
+	    -c $(LOCKS)/dev-$$arch.txt -o $(LOCKS)/coordinator-$$arch.txt; \
+	  eval $(VENV)/bin/uv pip compile pyproject.toml --extra device $$opts \
+	    -c $(LOCKS)/dev-$$arch.txt -o $(LOCKS)/device-$$arch.txt; \
+	done
+
 clean:
-	rm -rf $(VENV) runs .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(LATEST_VENV) runs .pytest_cache .ruff_cache
