@@ -71,7 +71,7 @@ lock: | $(PY)
 	mkdir -p $(LOCKS)
 	set -e; for arch in $(ARCHES); do \
 	  opts="--python-version 3.11 --python-platform $$arch-manylinux_2_28 --generate-hashes \
-	    --custom-compile-command 'make lock' --quiet $(if $(PIP_FIND_LINKS),--find-links $(PIP_FIND_LINKS))"; \
+	    --custom-compile-command 'make lock' --quiet -c $(LOCKS)/constraints.txt $(if $(PIP_FIND_LINKS),--find-links $(PIP_FIND_LINKS))"; \
 	  eval $(VENV)/bin/uv pip compile pyproject.toml --extra dev $$opts -o $(LOCKS)/dev-$$arch.txt; \
 	  eval $(VENV)/bin/uv pip compile pyproject.toml --extra coordinator $$opts \
 	    -c $(LOCKS)/dev-$$arch.txt -o $(LOCKS)/coordinator-$$arch.txt; \
