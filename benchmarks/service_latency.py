@@ -144,6 +144,8 @@ class PeakMemory(threading.Thread):
         for entry in filter(str.isdigit, os.listdir("/proc")):
             try:
                 cmd = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+                # fleetfl starts the SuperNode as `python -m fleetfl.client.supernode`.
+                cmd = cmd.replace("fleetfl.client.supernode", "flower-supernode")
                 status = Path(f"/proc/{entry}/status").read_text().splitlines()
             except OSError:
                 continue

@@ -88,8 +88,8 @@ def node_config(settings: ClientSettings, prepared: Prepared) -> str:
 
 
 def supernode_argv(settings: ClientSettings, prepared: Prepared, port: int) -> list[str]:
-    """The ``flower-supernode`` command line."""
-    argv = [str(Path(sys.executable).parent / "flower-supernode"),
+    """The ``flower-supernode`` command line (through :mod:`fleetfl.client.supernode`)."""
+    argv = [sys.executable, "-m", "fleetfl.client.supernode",
             "--superlink", settings.coordinator,
             "--node-config", node_config(settings, prepared),
             "--port", str(port)]

@@ -39,7 +39,7 @@ def build_summary(
     wall_time_s: float,
     initial: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The ``summary.json`` object: DESIGN.md's fields plus a few useful totals."""
+    """The ``summary.json`` object: the fields of docs/architecture.md plus a few totals."""
     if not rows:
         raise ValueError("no finished round to summarize")
     last = rows[-1]

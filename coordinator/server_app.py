@@ -28,6 +28,7 @@ from flwr.serverapp import Grid, ServerApp
 from fleetfl import protocol as P
 from fleetfl.coordinator.checkpoint import save_checkpoint
 from fleetfl.coordinator.config import Config, from_run_config, to_run_config
+from fleetfl.coordinator.grid import fast_polling
 from fleetfl.coordinator.planning import MemorySettings, PlanSettings
 from fleetfl.coordinator.registry import FleetRegistry
 from fleetfl.coordinator.state import RoundState, RoundStore
@@ -243,7 +244,8 @@ def make_server_app(config: Config | None = None, on_round: RoundCallback | None
         cfg = config if config is not None else from_run_config(context.run_config)
         store = RoundStore.from_env()
         try:
-            run_rounds(grid, cfg, outcome if outcome is not None else RunOutcome(), on_round,
+            run_rounds(fast_polling(grid), cfg,
+                       outcome if outcome is not None else RunOutcome(), on_round,
                        checkpoint_path=checkpoint_path, store=store)
         finally:
             if store is not None:

@@ -1,0 +1,124 @@
+"""The two places fleetfl changes how Flower waits, checked against the pinned Flower.
+
+* :mod:`fleetfl.coordinator.grid`: the ServerApp pulls replies every 0.25 s, not every 3 s.
+* :mod:`fleetfl.client.supernode`: a device's SuperNode heartbeats every 10 s, not 30 s.
+
+The service end-to-end test (``test_service_e2e.py``) runs both for real.
+"""
+
+from __future__ import annotations
+
+import inspect
+import subprocess
+import sys
+import time
+from collections.abc import Iterable
+
+import pytest
+from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.serverapp import Grid
+from flwr.supercore.run import Run
+from flwr.supercore.task_identity import TaskIdentity
+
+from fleetfl.coordinator.grid import PollingGrid, fast_polling
+
+
+class _SlowRepliesGrid(Grid):
+    """Each pushed message's reply becomes pullable ``delay_s`` after the push (or never)."""
+
+    def __init__(self, delay_s: dict[int, float | None]) -> None:
+        self.delay_s, self.ready, self.pulls = delay_s, {}, 0
+        self.sent: dict[str, Message] = {}
+
+    def set_run(self, run: Run) -> None:  # pragma: no cover - not used
+        raise NotImplementedError
+
+    @property
+    def run(self) -> Run:  # pragma: no cover - not used
+        raise NotImplementedError
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
+        return Message(content, dst_node_id=dst_node_id, message_type=message_type)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.delay_s)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        ids = []
+        for i, msg in enumerate(messages):
+            msg.metadata.__dict__["_message_id"] = f"m{i}"
+            self.sent[f"m{i}"] = msg
+            delay = self.delay_s[msg.metadata.dst_node_id]
+            if delay is not None:
+                self.ready[f"m{i}"] = time.monotonic() + delay
+            ids.append(f"m{i}")
+        return ids
+
+    def send_and_receive(self, messages, *, timeout=None):  # pragma: no cover - not used
+        raise NotImplementedError
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        self.pulls += 1
+        now, out = time.monotonic(), []
+        for mid in list(message_ids):
+            if mid in self.ready and self.ready[mid] <= now:
+                del self.ready[mid]
+                out.append(Message(RecordDict({"c": ConfigRecord({"ok": 1})}),
+                                   reply_to=self.sent[mid]))
+        return out
+
+
+def _messages(nodes: Iterable[int]) -> list[Message]:
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    return [Message(RecordDict(), dst_node_id=n, message_type="query") for n in nodes]
+
+
+def test_polling_grid_returns_soon_after_the_last_reply() -> None:
+    inner = _SlowRepliesGrid({1: 0.1, 2: 0.6})
+    start = time.monotonic()
+    replies = list(PollingGrid(inner, poll_s=0.05).send_and_receive(_messages([1, 2]),
+                                                                    timeout=30))
+    elapsed = time.monotonic() - start
+    assert sorted(r.metadata.reply_to_message_id for r in replies) == ["m0", "m1"]
+    assert 0.6 <= elapsed < 2.0  # Flower's own loop would sleep 3 s after the first pull
+    assert inner.pulls >= 3
+
+
+def test_polling_grid_gives_up_at_the_timeout_with_what_it_has() -> None:
+    inner = _SlowRepliesGrid({1: 0.0, 2: None})  # node 2 never answers
+    start = time.monotonic()
+    replies = list(PollingGrid(inner, poll_s=0.05).send_and_receive(_messages([1, 2]),
+                                                                    timeout=0.5))
+    assert [r.metadata.reply_to_message_id for r in replies] == ["m0"]
+    assert 0.5 <= time.monotonic() - start < 2.0
+
+
+def test_only_flowers_network_grid_is_wrapped() -> None:
+    inner = _SlowRepliesGrid({})
+    assert fast_polling(inner) is inner
+    with pytest.raises(ValueError, match="poll_s"):
+        PollingGrid(inner, poll_s=0)
+
+
+def test_supernode_heartbeat_interval_reaches_flowers_requests() -> None:
+    """The globals we set are the ones Flower 1.42's SuperNode sends and paces by."""
+    from flwr.supercore import heartbeat
+    from flwr.supernode import fleet_http_connection
+
+    assert "heartbeat_interval=HEARTBEAT_DEFAULT_INTERVAL" in inspect.getsource(
+        fleet_http_connection)
+    assert "HEARTBEAT_DEFAULT_INTERVAL - HEARTBEAT_CALL_TIMEOUT" in inspect.getsource(heartbeat)
+    # In a fresh process, so this test process keeps Flower's defaults.
+    code = ("from fleetfl.client.supernode import set_heartbeat_interval as s; s(); "
+            "import flwr.supernode.fleet_http_connection as c, flwr.supercore.heartbeat as h; "
+            "print(c.HEARTBEAT_DEFAULT_INTERVAL, h.HEARTBEAT_DEFAULT_INTERVAL)")
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
+                         text=True, timeout=120).stdout.split()
+    assert out == ["10.0", "10.0"]
+
+
+def test_supernode_heartbeat_interval_outside_flowers_range_is_refused() -> None:
+    from fleetfl.client.supernode import set_heartbeat_interval
+
+    with pytest.raises(ValueError, match="outside"):
+        set_heartbeat_interval(5.0)
