@@ -103,8 +103,13 @@ def _torch_export(model: nn.Module, path: Path, input_shape: tuple[int, ...]) ->
         )
 
 
-def quantize_int8(src: Path, dest: Path, calibration: np.ndarray) -> None:
-    """Static QDQ int8 quantization of ``src`` into ``dest`` calibrated on ``calibration``."""
+def quantize_int8(src: Path, dest: Path, calibration: np.ndarray, *,
+                  reduce_range: bool = True) -> None:
+    """Static QDQ int8 quantization of ``src`` into ``dest`` calibrated on ``calibration``.
+
+    ``reduce_range=False`` (full-range int8 weights) exists only to measure what it costs on
+    CPUs without VNNI (``benchmarks/export_x86_kernels.py``); see the module docstring.
+    """
     from onnxruntime.quantization import (
         CalibrationDataReader,
         QuantFormat,
@@ -126,7 +131,7 @@ def quantize_int8(src: Path, dest: Path, calibration: np.ndarray) -> None:
             str(src), str(dest), _Reader(calibration),
             quant_format=QuantFormat.QDQ, per_channel=True,
             activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-            reduce_range=True,
+            reduce_range=reduce_range,
         )
 
 
