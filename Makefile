@@ -58,7 +58,7 @@ lint: install-dev
 
 test: install-dev
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 # The newest versions pyproject.toml allows, in a venv of their own (the locked .venv stays).
 test-latest:
