@@ -35,7 +35,6 @@ import numpy as np
 
 from benchmarks.common import emit
 from fleetfl import protocol as P
-from fleetfl.client.data_format import save_npz
 from fleetfl.coordinator.config import Config, load_config
 from fleetfl.coordinator.planning import MemorySettings, PlanSettings, memory_plan
 from fleetfl.coordinator.registry import ClientInfo
@@ -43,6 +42,7 @@ from fleetfl.coordinator.server_app import RunOutcome, message_config, run_round
 from fleetfl.devices.memory_planner import MIB, TrainingMemoryStats, predict_peak
 from fleetfl.devices.memory_stats import training_memory_stats
 from fleetfl.devices.profiles import CATALOG
+from fleetfl.tasks.data_format import save_npz
 from fleetfl.tasks.models import build_model
 from tests.device_process import ProcessGrid, runtime_bytes
 

@@ -23,38 +23,60 @@ from fleetfl.client.transport import kept_values, pack_update, quantize_update, 
 from fleetfl.compression.masks import apply_masks_torch_
 from fleetfl.compression.qat import enable_qat
 from fleetfl.devices.workplan import WorkPlan
+from fleetfl.tasks.task import Task
 
 log = logging.getLogger(__name__)
 
-app = ClientApp()
+
+def client_app(task: Task | None = None) -> ClientApp:
+    """The Flower ``ClientApp`` that trains the run's task (or ``task``, if given).
+
+    The module attribute ``app`` (what ``fleetfl`` deploys) is ``client_app()``: it resolves the
+    run's ``task.name`` from each message. Pass a :class:`~fleetfl.Task` object to embed the
+    client in a program that builds its task itself (its data, model, loss), e.g. in
+    ``flwr.simulation.run_simulation(client_app=fleetfl.client_app(MyTask()), ...)``.
+    """
+    client = ClientApp()
+
+    @client.query()
+    def _query(msg: Message, context: Context) -> Message:
+        return query(msg, context, task)
+
+    @client.train()
+    def _train(msg: Message, context: Context) -> Message:
+        return train(msg, context, task)
+
+    @client.query("secagg")
+    def _secagg(msg: Message, context: Context) -> Message:
+        return secagg(msg, context)
+
+    return client
 
 
-@app.query()
-def query(msg: Message, context: Context) -> Message:
+def query(msg: Message, context: Context, task: Task | None = None) -> Message:
     """Answer the coordinator's ``register`` query with this client's device and data size."""
     cfg = msg.content[P.CONFIG]
     if cfg.get(P.OP) != P.OP_REGISTER:
         raise ValueError(f"unknown query op {cfg.get(P.OP)!r}")
-    local = load_local_task(task_settings(cfg), context.node_config)
+    local = load_local_task(task_settings(cfg), context.node_config, task)
     reply = ConfigRecord(
         {
             P.DEVICE: json.dumps(local.device.to_dict()),
-            P.NUM_EXAMPLES: len(local.y_train),
+            P.NUM_EXAMPLES: local.num_examples,
             P.CLIENT_INDEX: local.index,
         }
     )
     return Message(RecordDict({P.CONFIG: reply}), reply_to=msg)
 
 
-@app.train()
-def train(msg: Message, context: Context) -> Message:
+def train(msg: Message, context: Context, task: Task | None = None) -> Message:
     """Run this client's work plan of FedProx local SGD from the received global model, or
     refuse it, without training, when its memory plan does not fit this device."""
     cfg = msg.content[P.CONFIG]
     device = memory.is_real_device(context.node_config)
     if device:
         memory.prepare_device_process()
-    local = load_local_task(task_settings(cfg), context.node_config)
+    local = load_local_task(task_settings(cfg), context.node_config, task)
     plan = WorkPlan.from_config(cfg)
     server_round = int(cfg[P.SERVER_ROUND])
     model = local.fresh_model()
@@ -80,6 +102,7 @@ def train(msg: Message, context: Context) -> Message:
         post_step=keep_pruned,
         micro_batch=fit.micro_batch,
         checkpointing=fit.checkpointing,
+        loss_fn=local.task.loss,
     )
     if qat is not None:
         qat.remove()
@@ -113,7 +136,6 @@ def train(msg: Message, context: Context) -> Message:
     return Message(reply, reply_to=msg)
 
 
-@app.query("secagg")
 def secagg(msg: Message, context: Context) -> Message:
     """Stages 1, 2 and 4 of secure aggregation (keys, shares, unmasking); see client/secure.py."""
     record = secure.answer(msg.content[P.SECAGG], context)
@@ -132,3 +154,6 @@ def _mask_hook(model: torch.nn.Module, masks: dict[str, np.ndarray]) -> Callable
 def _round_seed(local: LocalTask, server_round: int) -> int:
     """Mini-batch order seed: distinct per client and round, reproducible across reruns."""
     return (local.seed * 1_000_003 + local.index * 7919 + server_round) % (2**31)
+
+
+app = client_app()

@@ -10,6 +10,7 @@ out coordinator restarts. Ctrl-C/SIGTERM stop the SuperNode and its ClientApp pr
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import ctypes
 import os
@@ -22,8 +23,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from fleetfl.client.data_format import load_npz
 from fleetfl.client.local import AUTO, resolve_device, write_profile
+from fleetfl.tasks.data_format import load_npz
 
 STOP_GRACE_S = 15.0
 RETRY_FIRST_S = 5.0  # pause after the first failed SuperNode start; doubles each time
@@ -202,3 +203,28 @@ def run_supernode(settings: ClientSettings, prepared: Prepared, retries: int | N
         for sig, previous in old.items():
             signal.signal(sig, previous)
     return 130 if stopping else int(code or 0)
+
+
+def start_client(coordinator: str, data: str | os.PathLike[str], *,
+                 tls_ca: str | os.PathLike[str] | None = None,
+                 auth_key: str | os.PathLike[str] | None = None, insecure: bool = False,
+                 device: str = AUTO, workdir: str | os.PathLike[str] | None = None,
+                 index: int | None = None, retries: int | None = None) -> int:
+    """Run this device as a fleetfl client, exactly as ``fleetfl client start`` does.
+
+    Checks ``data`` and resolves the device profile first (a bad file raises
+    ``ValueError`` before anything connects), then runs a Flower SuperNode against
+    ``coordinator`` (``HOST:PORT``) until it stops; returns its exit status. The arguments are
+    the command's flags (``--tls-ca``, ``--auth-key``, ``--insecure``, ``--device``,
+    ``--workdir``, ``--index``, ``--retries``). The run's ``task.name`` must be importable here.
+    """
+    from fleetfl.client.client_cmd import DEFAULT_WORKDIR, settings_from_args
+
+    args = argparse.Namespace(
+        coordinator=coordinator, data=str(data), device=device, insecure=insecure,
+        tls_ca=None if tls_ca is None else str(tls_ca),
+        auth_key=None if auth_key is None else str(auth_key),
+        workdir=str(DEFAULT_WORKDIR if workdir is None else workdir), index=index,
+        runtime_port=0)
+    settings = settings_from_args(args)
+    return run_supernode(settings, prepare(settings), retries=retries)

@@ -6,7 +6,7 @@ Two kinds of client, told apart by the SuperNode's ``node_config``:
   settings; loading is memoized because Flower's simulation engine calls the ClientApp many
   times in one worker process.
 * **real device** (``data-path``): data from the ``.npz`` file at ``data-path``
-  (:mod:`fleetfl.client.data_format`), device from ``device``: a catalog profile name, the path
+  (:mod:`fleetfl.tasks.data_format`), device from ``device``: a catalog profile name, the path
   of a JSON profile file (what ``fleetfl client start`` writes), inline JSON, or ``auto``
   (probe once, cached in ``$FLEETFL_DEVICE_CACHE`` or ``~/.cache/fleetfl/device.json``).
   ``client-index`` optionally fixes the client's index in the fleet.
@@ -29,8 +29,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from fleetfl.client.data_format import check_task, load_npz
 from fleetfl.devices.profiles import DeviceProfile, get_profile
+from fleetfl.tasks.data import FederatedDataset
+from fleetfl.tasks.data_format import check_split
+from fleetfl.tasks.registry import resolve_task
+from fleetfl.tasks.task import Task
 
 if TYPE_CHECKING:
     import torch
@@ -42,41 +45,34 @@ CLIENT_INDEX = "client-index"
 PARTITION_ID = "partition-id"
 AUTO = "auto"
 
-# (input_shape, num_classes) of the built-in datasets, as tasks/digits.py and tasks/synthetic.py
-# make them. Kept here so a device never imports scikit-learn to learn two numbers;
-# tests/test_local_device.py checks they agree with the generators.
-TASK_SPECS: dict[str, tuple[tuple[int, ...], int]] = {
-    "digits": ((1, 8, 8), 10),
-    "synthetic": ((60,), 10),
-}
-
-
 @dataclass(frozen=True)
 class TaskSettings:
     """The run settings a client needs, as sent in every message's config (hashable)."""
 
-    dataset: str
-    model: str
-    alpha: float
-    beta: float
-    iid: bool
-    partition_alpha: float
+    name: str  # task.name
+    params: str  # task.params as JSON
     seed: int
     num_clients: int
     fleet_mix: str  # JSON object {profile: weight}
     fleet_seed: int
 
+    def task(self) -> Task:
+        """The run's task (imports a user task's module)."""
+        return _task(self.name, self.params)
+
+
+@functools.lru_cache(maxsize=8)
+def _task(name: str, params: str) -> Task:
+    return resolve_task(name, json.loads(params))
+
 
 def task_settings(cfg: Mapping[str, Any]) -> TaskSettings:
     """Read :class:`TaskSettings` from a message config (keys ``task.*``, ``fleet.*``)."""
     try:
+        params = cfg["task.params"]
         return TaskSettings(
-            dataset=str(cfg["task.dataset"]),
-            model=str(cfg["task.model"]),
-            alpha=float(cfg["task.alpha"]),
-            beta=float(cfg["task.beta"]),
-            iid=bool(cfg["task.iid"]),
-            partition_alpha=float(cfg["task.partition_alpha"]),
+            name=str(cfg["task.name"]),
+            params=params if isinstance(params, str) else json.dumps(params, sort_keys=True),
             seed=int(cfg["task.seed"]),
             num_clients=int(cfg["federation.num_clients"]),
             fleet_mix=str(cfg["fleet.mix"]),
@@ -92,17 +88,20 @@ class LocalTask:
 
     index: int
     device: DeviceProfile
-    x: np.ndarray  # float32, (n, *input_shape)
+    x: np.ndarray  # (n, *input_shape), the task's dtype (float32 for the built-ins)
     y: np.ndarray  # int64, (n,)
-    model_name: str
-    input_shape: tuple[int, ...]
-    num_classes: int
+    task: Task
     seed: int
 
     @property
     def num_examples(self) -> int:
         """Number of local training examples."""
         return len(self.y)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """Shape of one example."""
+        return tuple(self.x.shape[1:])
 
     @property
     def x_train(self) -> torch.Tensor:
@@ -120,40 +119,37 @@ class LocalTask:
 
     def fresh_model(self) -> nn.Module:
         """A model of the task's architecture (weights are overwritten by the global model)."""
-        from fleetfl.tasks.models import build_model
-
-        return build_model(self.model_name, self.input_shape, self.num_classes, seed=self.seed)
+        return self.task.build_model(self.seed)
 
 
-def load_local_task(settings: TaskSettings, node_config: Mapping[str, Any]) -> LocalTask:
-    """This client's :class:`LocalTask`: a real device's (``data-path``) or a simulated one."""
+def load_local_task(settings: TaskSettings, node_config: Mapping[str, Any],
+                    task: Task | None = None) -> LocalTask:
+    """This client's :class:`LocalTask`: a real device's (``data-path``) or a simulated one.
+
+    ``task``: use this task object instead of resolving the run's ``task.name``.
+    """
+    task = task if task is not None else settings.task()
     if DATA_PATH in node_config:
         index = node_config.get(CLIENT_INDEX)
-        return _load_device(settings, str(node_config[DATA_PATH]),
+        return _load_device(settings, task, str(node_config[DATA_PATH]),
                             str(node_config.get(DEVICE, AUTO)),
                             None if index is None else int(index))
     if PARTITION_ID not in node_config:
         raise ValueError(f"node_config has neither '{DATA_PATH}' (a real device's data file) "
                          f"nor '{PARTITION_ID}' (a simulated client): this client has no data")
-    return _load_partition(settings, int(node_config[PARTITION_ID]))
+    return _load_partition(settings, task, int(node_config[PARTITION_ID]))
 
 
-def _load_device(settings: TaskSettings, data_path: str, device: str,
+def _load_device(settings: TaskSettings, task: Task, data_path: str, device: str,
                  index: int | None) -> LocalTask:
-    if settings.dataset not in TASK_SPECS:
-        raise ValueError(f"task.dataset {settings.dataset!r} has no known input shape; "
-                         f"known: {', '.join(TASK_SPECS)}")
-    input_shape, num_classes = TASK_SPECS[settings.dataset]
-    data = load_npz(data_path)
-    check_task(data, data_path, input_shape, num_classes)
+    data = task.load_local(data_path)
+    check_split(data, data_path, task.input_shape, task.num_classes)
     return LocalTask(
         index=default_index(data_path) if index is None else index,
         device=resolve_device(device),
         x=data.x,
         y=data.y,
-        model_name=settings.model,
-        input_shape=input_shape,
-        num_classes=num_classes,
+        task=task,
         seed=settings.seed,
     )
 
@@ -215,19 +211,10 @@ def write_profile(path: Path, profile: DeviceProfile) -> Path:
 
 
 @functools.lru_cache(maxsize=8)
-def _load_partition(settings: TaskSettings, index: int) -> LocalTask:
+def _load_partition(settings: TaskSettings, task: Task, index: int) -> LocalTask:
     from fleetfl.devices.fleet import build_fleet
-    from fleetfl.tasks.registry import load_federated
 
-    data = load_federated(
-        settings.dataset,
-        num_clients=settings.num_clients,
-        seed=settings.seed,
-        alpha=settings.alpha,
-        beta=settings.beta,
-        iid=settings.iid,
-        partition_alpha=settings.partition_alpha,
-    )
+    data = _federated_data(settings, task)
     if not 0 <= index < data.num_clients:
         raise ValueError(f"partition-id {index} outside [0, {data.num_clients})")
     train, _ = data.clients[index]
@@ -237,8 +224,13 @@ def _load_partition(settings: TaskSettings, index: int) -> LocalTask:
         device=fleet[index],
         x=train.x,
         y=train.y,
-        model_name=settings.model,
-        input_shape=data.input_shape,
-        num_classes=data.num_classes,
+        task=task,
         seed=settings.seed,
     )
+
+
+@functools.lru_cache(maxsize=2)
+def _federated_data(settings: TaskSettings, task: Task) -> FederatedDataset:
+    """The run's federated data, made once per process (a simulation worker serves many
+    virtual clients; the built-ins also cache their loaders)."""
+    return task.federated_data(settings.num_clients, settings.seed)

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, y) -> mean loss
+
 
 @dataclass(frozen=True)
 class SolverResult:
@@ -66,6 +68,7 @@ def fedprox_train(
     post_step: Callable[[], None] | None = None,
     micro_batch: int | None = None,
     checkpointing: bool = False,
+    loss_fn: LossFn | None = None,
 ) -> SolverResult:
     """Run ``steps`` SGD steps of the FedProx objective on ``(x, y)``, in place on ``model``.
 
@@ -75,13 +78,14 @@ def fedprox_train(
     exactly zero). A memory plan (``fleetfl.devices.memory_planner``) may set ``micro_batch``:
     each batch then runs in passes of at most that many samples whose gradients add up to the
     batch's; and ``checkpointing``: the model's ``set_checkpointing`` is on for the run.
+    ``loss_fn(logits, y)`` is the task's mean batch loss (default: cross-entropy).
     """
     n = len(y)
     if n == 0 or steps <= 0:
         return SolverResult(steps=0, samples=0, mean_loss=float("nan"))
     params = [p for p in model.parameters() if p.requires_grad]
     anchor = [p.detach().clone() for p in params]
-    loss_fn = nn.CrossEntropyLoss()
+    loss_fn = loss_fn if loss_fn is not None else nn.CrossEntropyLoss()
     gen = torch.Generator().manual_seed(seed)
     model.train()
     if checkpointing:
@@ -116,7 +120,7 @@ def fedprox_train(
 
 def _accumulate_gradients(
     model: nn.Module,
-    loss_fn: nn.Module,
+    loss_fn: LossFn,
     x: torch.Tensor,
     y: torch.Tensor,
     idx: torch.Tensor,

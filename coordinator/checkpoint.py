@@ -25,13 +25,13 @@ import torch
 from torch import nn
 
 from fleetfl.tasks.data import FederatedDataset
-from fleetfl.tasks.models import build_model
-from fleetfl.tasks.registry import load_federated
+from fleetfl.tasks.registry import task_from_record
 
 FORMAT = "fleetfl-checkpoint"
 VERSION = 1
-# Keys of the task dict needed to rebuild the model; the dataset keys have defaults.
-REQUIRED_TASK_KEYS = ("dataset", "model", "input_shape", "num_classes")
+# Keys of the task record needed to rebuild the model: "name" (and "params") as in [task], or,
+# in checkpoints written before the Task API, "dataset" and "model" (task_from_record).
+REQUIRED_TASK_KEYS = ("input_shape", "num_classes")
 DEFAULT_NUM_CLIENTS = 20  # federation.num_clients's default; only the partition depends on it
 
 
@@ -68,15 +68,18 @@ class Checkpoint:
         return tuple(int(d) for d in self.task["input_shape"])
 
     def build_model(self) -> nn.Module:
-        """The global model in eval mode: ``tasks.models.build_model`` + weights, masks applied."""
-        model = build_model(str(self.task["model"]), self.input_shape,
-                            int(self.task["num_classes"]), seed=int(self.task.get("seed", 0)))
+        """The global model in eval mode: the task's ``build_model`` + weights, masks applied."""
+        try:
+            task = task_from_record(self.task)
+        except ValueError as err:
+            raise CheckpointError(f"{self._where()}: cannot rebuild its task: {err}") from None
+        model = task.build_model(int(self.task.get("seed", 0)))
         state = apply_masks(self.state_dict, self.masks)
         try:
             model.load_state_dict(state)
         except RuntimeError as err:
-            raise CheckpointError(f"{self._where()}: weights do not fit model "
-                                  f"{self.task['model']!r}: {err}") from None
+            raise CheckpointError(f"{self._where()}: weights do not fit the model of task "
+                                  f"{task.name!r}: {err}") from None
         return model.eval()
 
     def load_dataset(self) -> FederatedDataset:
@@ -88,16 +91,9 @@ class Checkpoint:
 
 
 def load_task_dataset(task: dict[str, Any]) -> FederatedDataset:
-    """The federated dataset a task dict describes (missing keys take the config defaults)."""
-    return load_federated(
-        str(task["dataset"]),
-        num_clients=int(task.get("num_clients", DEFAULT_NUM_CLIENTS)),
-        seed=int(task.get("seed", 0)),
-        alpha=float(task.get("alpha", 1.0)),
-        beta=float(task.get("beta", 1.0)),
-        iid=bool(task.get("iid", False)),
-        partition_alpha=float(task.get("partition_alpha", 0.5)),
-    )
+    """The federated dataset a task record describes (same seed and clients, same split)."""
+    return task_from_record(task).federated_data(
+        int(task.get("num_clients", DEFAULT_NUM_CLIENTS)), int(task.get("seed", 0)))
 
 
 def apply_masks(
@@ -150,6 +146,7 @@ def save_checkpoint(
         ValueError: ``task`` lacks one of ``REQUIRED_TASK_KEYS``.
     """
     missing = [k for k in REQUIRED_TASK_KEYS if k not in task]
+    missing += [] if "name" in task or "dataset" in task else ["name"]
     if missing:
         raise ValueError(f"task is missing {', '.join(missing)} (needed to rebuild the model)")
     payload = {
@@ -208,6 +205,7 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
         if key not in raw:
             raise CheckpointError(f"{src}: checkpoint has no {key!r}")
     missing = [k for k in REQUIRED_TASK_KEYS if k not in raw["task"]]
+    missing += [] if "name" in raw["task"] or "dataset" in raw["task"] else ["name"]
     if missing:
         raise CheckpointError(f"{src}: task config lacks {', '.join(missing)}")
     masks = raw.get("masks")

@@ -20,7 +20,7 @@ def _keys_epilog() -> str:
         lines.append(f"  {key} = {default}")
         lines.extend(textwrap.wrap(help_text, 70, initial_indent="      ",
                                    subsequent_indent="      "))
-    lines.append("\nexample: fleetfl simulate --set task.dataset=synthetic --set task.model=logreg"
+    lines.append("\nexample: fleetfl simulate --set task.name=synthetic --set task.params.alpha=0.5"
                  " --set fleet.stragglers=0.9 --out runs/straggle")
     return "\n".join(lines)
 

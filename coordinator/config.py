@@ -19,8 +19,9 @@ from typing import Any, get_type_hints
 
 from fleetfl.devices.fleet import DEFAULT_MIX, parse_mix
 from fleetfl.devices.memory_planner import DEFAULT_RUNTIME_BYTES, MIB
-from fleetfl.tasks.models import MODEL_NAMES
-from fleetfl.tasks.registry import DATASET_NAMES
+from fleetfl.tasks.builtin import BUILTIN_PARAMS
+from fleetfl.tasks.registry import TaskError, resolve_task
+from fleetfl.tasks.task import Task
 
 STRATEGY_NAMES = ("fedavg", "fedprox")
 
@@ -40,24 +41,57 @@ def _f(default: Any, help: str) -> Any:  # noqa: A002 - mirrors argparse's name
 
 @dataclass(frozen=True)
 class TaskConfig:
-    """What is learned: dataset, partitioning, model."""
+    """What is learned: a built-in task or the user's own (``fleetfl.Task``)."""
 
-    dataset: str = _f("digits", "'synthetic' (FedProx paper) or 'digits' (scikit-learn)")
-    model: str = _f("cnn", "'logreg' (multinomial) or 'cnn' (digits only)")
-    alpha: float = _f(1.0, "Synthetic(alpha, beta): how much local models differ")
-    beta: float = _f(1.0, "Synthetic(alpha, beta): how much local data differ")
-    iid: bool = _f(False, "IID variant of the dataset (no label skew / shared model)")
-    partition_alpha: float = _f(0.5, "Dirichlet label skew for digits (smaller = more skewed)")
-    seed: int = _f(0, "seed of data generation and partitioning")
+    name: str = _f("digits", "'digits', 'synthetic' or 'package.module:attribute' (a "
+                             "fleetfl.Task subclass, instance or factory)")
+    params: dict[str, Any] = field(default_factory=dict, metadata={
+        "help": "keyword arguments of the task, a table: digits {model, partition_alpha, iid}, "
+                "synthetic {alpha, beta, iid, model}"})
+    seed: int = _f(0, "seed of data generation, partitioning and model initialization")
 
     def check(self) -> None:
-        _choice("task.dataset", self.dataset, DATASET_NAMES)
-        _choice("task.model", self.model, MODEL_NAMES)
-        if self.dataset == "synthetic" and self.model != "logreg":
-            raise ConfigError("task.model", "the synthetic dataset has 60 features; use 'logreg'")
-        _at_least("task.alpha", self.alpha, 0.0)
-        _at_least("task.beta", self.beta, 0.0)
-        _positive("task.partition_alpha", self.partition_alpha)
+        _at_least("task.seed", self.seed, 0)
+        self.build()  # the task must resolve now, not after an engine started
+
+    def build(self) -> Task:
+        """The task object (imports a user's module; raises ConfigError naming the key)."""
+        try:
+            return resolve_task(self.name, self.params)
+        except TaskError as err:
+            raise ConfigError(err.key, str(err)) from None
+
+
+# The task keys before the Task API still work: ``dataset`` is ``name``, the others are keys of
+# ``params``. As before, a key the chosen built-in does not use (alpha on digits) is ignored.
+LEGACY_TASK_PARAMS = BUILTIN_PARAMS
+_LEGACY_KEYS = ("dataset", "model", "alpha", "beta", "iid", "partition_alpha")
+
+
+def _legacy_task(values: Mapping[str, Any]) -> dict[str, Any]:
+    """``[task]`` with its pre-Task-API keys moved to ``name`` and ``params``."""
+    out = {k: v for k, v in values.items() if k not in _LEGACY_KEYS}
+    if "dataset" in values:
+        if "name" in values and values["name"] != values["dataset"]:
+            raise ConfigError("task.dataset", f"the old spelling of task.name, which says "
+                                              f"{values['name']!r}; keep one")
+        out["name"] = values["dataset"]
+    legacy = {k: v for k, v in values.items() if k in _LEGACY_KEYS and k != "dataset"}
+    if not legacy:
+        return out
+    name = out.get("name", TaskConfig.name)
+    if name not in LEGACY_TASK_PARAMS:
+        key = next(iter(legacy))
+        raise ConfigError(f"task.{key}", f"set it as task.params.{key} (a key of [task.params])")
+    params = out.get("params", {})
+    if not isinstance(params, Mapping):
+        return out  # reported by the type check
+    merged = {k: v for k, v in legacy.items() if k in LEGACY_TASK_PARAMS[name]}
+    for key, value in merged.items():
+        if key in params and params[key] != value:
+            raise ConfigError(f"task.{key}", f"conflicts with task.params.{key}")
+    out["params"] = {**merged, **params}
+    return out
 
 
 @dataclass(frozen=True)
@@ -276,6 +310,9 @@ def _coerce(key: str, value: Any, expected: Any) -> Any:
     elif expected is str:
         if isinstance(value, str):
             return value
+    elif expected == dict[str, Any]:  # a free table: the task's keyword arguments
+        if isinstance(value, Mapping):
+            return {str(k): v for k, v in value.items()}
     elif isinstance(value, Mapping):  # Mapping[str, float]
         return {str(k): _coerce(f"{key}.{k}", v, float) for k, v in value.items()}
     name = getattr(expected, "__name__", None) or "table"
@@ -283,6 +320,8 @@ def _coerce(key: str, value: Any, expected: Any) -> Any:
 
 
 def _build_section(name: str, values: Mapping[str, Any]) -> Any:
+    if name == "task":
+        values = _legacy_task(values)
     cls = _SECTION_TYPES[name]
     hints = get_type_hints(cls)
     kwargs = {}
@@ -358,12 +397,24 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
             raise ConfigError("--config", f"{path} is not valid TOML: {err}") from None
         for name, values in loaded.items():
             data[name] = dict(values) if isinstance(values, Mapping) else values
+    apply_overrides(data, overrides)
+    return from_dict(data)
+
+
+def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> None:
+    """Apply ``section.key=value`` strings to nested ``data`` in place (``section.table.key``
+    sets one key inside a table, e.g. ``task.params.model=cnn``)."""
     for item in overrides:
         section, key, value = parse_override(item)
         if not isinstance(data.setdefault(section, {}), dict):
             raise ConfigError(section, "must be a table ([section])")
-        data[section][key] = value
-    return from_dict(data)
+        table, _, sub = key.partition(".")
+        if sub:
+            if not isinstance(data[section].setdefault(table, {}), dict):
+                raise ConfigError(f"{section}.{table}", "is not a table")
+            data[section][table] = {**data[section][table], sub: value}
+        else:
+            data[section][key] = value
 
 
 def to_run_config(config: Config) -> dict[str, bool | int | float | str]:

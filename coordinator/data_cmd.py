@@ -1,7 +1,7 @@
 """``fleetfl data split``: per-client ``.npz`` shards of a built-in dataset, for trying devices.
 
 Each shard is exactly the data the simulation gives client ``i`` (same partition, same seed),
-in the device data format of :mod:`fleetfl.client.data_format`: ``x``/``y`` (its training
+in the device data format of :mod:`fleetfl.tasks.data_format`: ``x``/``y`` (its training
 split) and ``x_test``/``y_test`` (its local test split). The coordinator's central test set is
 held out before partitioning (it depends on ``task.seed`` only), so with the same seed no
 shard overlaps it. ``--config`` takes dataset, seed and client count from the coordinator's
@@ -14,8 +14,9 @@ import argparse
 import json
 from pathlib import Path
 
-from fleetfl.client.data_format import save_npz
 from fleetfl.coordinator.config import ConfigError, load_config
+from fleetfl.tasks.data_format import save_npz
+from fleetfl.tasks.task import Task
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -23,28 +24,25 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     data = subparsers.add_parser("data", help="prepare local data for real devices")
     sub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
     split = sub.add_parser(
-        "split", help="write one .npz shard per client of a built-in dataset",
+        "split", help="write one .npz shard per client of a task's federated data",
         description="Partition a built-in dataset as the simulation does and write "
                     "DIR/client-I.npz for I in 0..N-1 (arrays x, y, x_test, y_test).")
     split.add_argument("--config", metavar="FILE.toml",
                        help="take [task] and federation.num_clients from this configuration")
     split.add_argument("--set", dest="overrides", action="append", default=[],
                        metavar="SECTION.KEY=VALUE", help="override one config key (repeatable)")
-    split.add_argument("--dataset", choices=("digits", "synthetic"),
-                       help="dataset (default: task.dataset)")
+    split.add_argument("--dataset", metavar="TASK",
+                       help="task.name: digits, synthetic or package.module:attribute "
+                            "(default: the config's)")
     split.add_argument("--num-clients", type=int, metavar="N",
                        help="number of shards (default: federation.num_clients)")
     split.add_argument("--out", required=True, metavar="DIR", help="output directory")
     return data
 
 
-def split(dataset: str, num_clients: int, out: Path, *, seed: int = 0, alpha: float = 1.0,
-          beta: float = 1.0, iid: bool = False, partition_alpha: float = 0.5) -> list[Path]:
-    """Write ``out/client-I.npz`` for every client; returns the paths."""
-    from fleetfl.tasks.registry import load_federated
-
-    data = load_federated(dataset, num_clients=num_clients, seed=seed, alpha=alpha, beta=beta,
-                          iid=iid, partition_alpha=partition_alpha)
+def split(task: Task, num_clients: int, out: Path, *, seed: int = 0) -> list[Path]:
+    """Write ``out/client-I.npz`` for every client of ``task``'s federated data."""
+    data = task.federated_data(num_clients, seed)
     paths = []
     for i, (train, test) in enumerate(data.clients):
         paths.append(save_npz(out / f"client-{i}.npz", train.x, train.y, test.x, test.y))
@@ -55,21 +53,17 @@ def run(args: argparse.Namespace) -> int:
     """Execute ``fleetfl data split``."""
     overrides = list(args.overrides)
     if args.dataset:
-        overrides.append(f'task.dataset="{args.dataset}"')
-        if args.dataset == "synthetic":
-            overrides.append('task.model="logreg"')  # the config refuses a CNN on 60 features
+        overrides.append(f'task.name="{args.dataset}"')
     config = load_config(args.config, overrides)  # ConfigError is reported by the CLI
     num_clients = config.federation.num_clients if args.num_clients is None else args.num_clients
     if num_clients < 1:
         raise ConfigError("--num-clients", f"must be >= 1, got {num_clients}")
     task, out = config.task, Path(args.out).expanduser()
-    paths = split(task.dataset, num_clients, out, seed=task.seed,
-                  alpha=task.alpha, beta=task.beta, iid=task.iid,
-                  partition_alpha=task.partition_alpha)
-    manifest = {"dataset": task.dataset, "seed": task.seed,
+    paths = split(task.build(), num_clients, out, seed=task.seed)
+    manifest = {"task": task.name, "params": task.params, "seed": task.seed,
                 "num_clients": num_clients,
                 "shards": [p.name for p in paths]}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    print(f"wrote {len(paths)} shards of {task.dataset} to {out} "
+    print(f"wrote {len(paths)} shards of {task.name} to {out} "
           f"(use task.seed={task.seed} on the coordinator)")
     return 0

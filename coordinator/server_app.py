@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -36,9 +37,8 @@ from fleetfl.coordinator.strategy import FleetFedProx
 from fleetfl.coordinator.transport import ModelTransport, TransportSettings
 from fleetfl.devices.clock import VirtualClock
 from fleetfl.devices.memory_planner import TrainingMemoryStats
-from fleetfl.tasks.evaluation import evaluate
-from fleetfl.tasks.models import build_model, training_flops_per_sample
-from fleetfl.tasks.registry import load_federated
+from fleetfl.tasks.models import training_flops_per_sample
+from fleetfl.tasks.task import evaluate_task
 
 RoundCallback = Callable[[dict[str, Any]], None]
 log = logging.getLogger(__name__)
@@ -75,11 +75,10 @@ def run_rounds(grid: Grid, config: Config, outcome: RunOutcome,
     committed to ``store`` (if given); with a ``store`` holding a commit, the run continues
     after that round instead of starting over.
     """
-    task, fed = config.task, config.federation
-    data = load_federated(task.dataset, num_clients=fed.num_clients, seed=task.seed,
-                          alpha=task.alpha, beta=task.beta, iid=task.iid,
-                          partition_alpha=task.partition_alpha)
-    model = build_model(task.model, data.input_shape, data.num_classes, seed=task.seed)
+    task_cfg, fed = config.task, config.federation
+    task = task_cfg.build()
+    data = task.federated_data(fed.num_clients, task_cfg.seed)
+    model = task.build_model(task_cfg.seed)
     train_all, test = data.train_union(), data.test
     tensors = {name: torch.from_numpy(s.x) for name, s in (("train", train_all), ("test", test))}
     labels = {name: torch.from_numpy(s.y) for name, s in (("train", train_all), ("test", test))}
@@ -109,6 +108,7 @@ def run_rounds(grid: Grid, config: Config, outcome: RunOutcome,
             entropy_coding=comp.entropy_coding,
         ),
         {k: tuple(v.shape) for k, v in model.state_dict().items()},
+        prunable_names=task.prunable(model),
     )
     strategy = _strategy(
         config,
@@ -121,19 +121,19 @@ def run_rounds(grid: Grid, config: Config, outcome: RunOutcome,
     )
     clock = VirtualClock()
     started = time.perf_counter()
-    task_record = {**asdict(task), "input_shape": list(data.input_shape),
+    task_record = {**asdict(task_cfg), "input_shape": list(data.input_shape),
                    "num_classes": data.num_classes, "num_clients": fed.num_clients}
     done = _resume(store, config, model, transport, clock, outcome)
     strategy.round_offset = done
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         model.load_state_dict(arrays.to_torch_state_dict())
-        loss, acc = evaluate(model, tensors["test"], labels["test"])
-        train_loss, _ = evaluate(model, tensors["train"], labels["train"])
         if server_round == 0 and done:
             return None  # resumed: the initial evaluation is in the committed history
+        test_metrics = evaluate_task(task, model, tensors["test"], labels["test"])
+        train_loss = evaluate_task(task, model, tensors["train"], labels["train"])["loss"]
         server_round += done
-        row: dict[str, Any] = {"round": server_round, "accuracy": acc, "loss": loss,
+        row: dict[str, Any] = {"round": server_round, "accuracy": math.nan, **test_metrics,
                                "train_loss": train_loss}
         if server_round == 0:
             outcome.initial = row

@@ -94,8 +94,9 @@ def simulate(config: Config, *, verbose: bool = False, console: Console | None =
                             wall_time_s=time.perf_counter() - started, initial=outcome.initial)
     write_summary(out / "summary.json", summary)
     if config.output.plot:
-        title = (f"{config.strategy.name} mu={config.strategy.mu} on {config.task.dataset}/"
-                 f"{config.task.model}, {config.federation.num_clients} clients")
+        params = ", ".join(f"{k}={v}" for k, v in config.task.params.items())
+        title = (f"{config.strategy.name} mu={config.strategy.mu} on {config.task.name}"
+                 f"{f'({params})' if params else ''}, {config.federation.num_clients} clients")
         plot_report(out / "report.png", outcome.rows, title)
     return summary
 

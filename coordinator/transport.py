@@ -55,9 +55,14 @@ class TransportSettings:
 class ModelTransport:
     """Masks, clip range and blobs of the global model; which client holds which mask."""
 
-    def __init__(self, settings: TransportSettings, shapes: Mapping[str, Sequence[int]]) -> None:
+    def __init__(self, settings: TransportSettings, shapes: Mapping[str, Sequence[int]],
+                 prunable_names: Sequence[str] | None = None) -> None:
+        """``prunable_names``: the tensors pruning may zero (the task's ``prunable``);
+        ``None``: every tensor of 2 or more dimensions but biases."""
         self.settings = settings
         self.shapes = {k: tuple(int(d) for d in v) for k, v in shapes.items()}
+        self.prunable_names = (list(prunable_names) if prunable_names is not None else
+                               prunable(list(self.shapes), list(self.shapes.values())))
         self.masks: dict[str, np.ndarray] = {}
         self.mask_id = mask_id({})
         self.clip = settings.initial_clip
@@ -73,8 +78,7 @@ class ModelTransport:
                                 end_round=s.prune_end_round,
                                 final_sparsity=s.prune_final_sparsity)
         if target > sparsity_of(self.masks):
-            names = prunable(list(weights), [w.shape for w in weights.values()])
-            self.masks = global_magnitude_masks(weights, target, names,
+            self.masks = global_magnitude_masks(weights, target, self.prunable_names,
                                                 previous=self.masks or None)
             self.mask_id = mask_id(self.masks)
         apply_masks_(weights, self.masks)

@@ -1,32 +1,39 @@
-"""Tasks: datasets, partitioning and models shared by coordinator and client."""
+"""Tasks: the public Task API, the built-in tasks, datasets, partitioning and models.
 
-from fleetfl.tasks.data import FederatedDataset, Split
-from fleetfl.tasks.digits import load_digits_federated
-from fleetfl.tasks.models import (
-    MODEL_NAMES,
-    DigitsCNN,
-    LogisticRegression,
-    build_model,
-    forward_flops_per_sample,
-    training_flops_per_sample,
-)
-from fleetfl.tasks.partition import dirichlet_label_partition, iid_partition
-from fleetfl.tasks.registry import DATASET_NAMES, load_federated
-from fleetfl.tasks.synthetic import generate_synthetic
+Names are loaded on first use (PEP 562), so that importing a light module of this package
+(``fleetfl.tasks.task``, ``fleetfl.tasks.data_format``) on a device does not import torch.
+"""
 
-__all__ = [
-    "DATASET_NAMES",
-    "MODEL_NAMES",
-    "DigitsCNN",
-    "FederatedDataset",
-    "LogisticRegression",
-    "Split",
-    "build_model",
-    "dirichlet_label_partition",
-    "forward_flops_per_sample",
-    "generate_synthetic",
-    "iid_partition",
-    "load_digits_federated",
-    "load_federated",
-    "training_flops_per_sample",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "Task": "fleetfl.tasks.task",
+    "evaluate_task": "fleetfl.tasks.task",
+    "FederatedDataset": "fleetfl.tasks.data",
+    "Split": "fleetfl.tasks.data",
+    "DigitsTask": "fleetfl.tasks.builtin",
+    "SyntheticTask": "fleetfl.tasks.builtin",
+    "resolve_task": "fleetfl.tasks.registry",
+    "load_federated": "fleetfl.tasks.registry",
+    "DATASET_NAMES": "fleetfl.tasks.registry",
+    "load_digits_federated": "fleetfl.tasks.digits",
+    "generate_synthetic": "fleetfl.tasks.synthetic",
+    "dirichlet_label_partition": "fleetfl.tasks.partition",
+    "iid_partition": "fleetfl.tasks.partition",
+    "MODEL_NAMES": "fleetfl.tasks.models",
+    "DigitsCNN": "fleetfl.tasks.models",
+    "LogisticRegression": "fleetfl.tasks.models",
+    "build_model": "fleetfl.tasks.models",
+    "forward_flops_per_sample": "fleetfl.tasks.models",
+    "training_flops_per_sample": "fleetfl.tasks.models",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'fleetfl.tasks' has no attribute {name!r}")

@@ -133,5 +133,5 @@ def test_unsupported_version(tmp_path: Path) -> None:
 def test_weights_that_do_not_fit_the_model(tmp_path: Path) -> None:
     logreg = build_model("logreg", (1, 8, 8), 10).state_dict()
     ckpt = load_checkpoint(_save(tmp_path / "m.pt", state_dict=logreg))
-    with pytest.raises(CheckpointError, match="do not fit model 'cnn'"):
+    with pytest.raises(CheckpointError, match="do not fit the model of task 'digits'"):
         ckpt.build_model()

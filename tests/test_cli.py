@@ -20,7 +20,7 @@ def test_help_lists_every_option_and_key():
     proc = _fleetfl("simulate", "--help")
     assert proc.returncode == 0
     for needle in ("--config", "--set", "--out", "federation.clients_per_round",
-                   "fleet.drop_stragglers", "strategy.mu", "task.partition_alpha"):
+                   "fleet.drop_stragglers", "strategy.mu", "task.name", "task.params"):
         assert needle in proc.stdout
 
 

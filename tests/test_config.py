@@ -27,7 +27,7 @@ def test_toml_file_and_overrides(tmp_path):
         "[fleet]\nmix = { rpi4 = 1, phone-low = 3 }\n"
     )
     cfg = load_config(path, ["federation.lr=0.01", "strategy.mu=1", "fleet.stragglers=0.9"])
-    assert cfg.task.dataset == "synthetic"
+    assert cfg.task.name == "synthetic" and cfg.task.params == {"model": "logreg"}
     assert cfg.federation.num_clients == 30 and cfg.federation.rounds == 5
     assert cfg.federation.lr == 0.01
     assert cfg.strategy.mu == 1.0 and isinstance(cfg.strategy.mu, float)
@@ -43,8 +43,13 @@ def test_toml_file_and_overrides(tmp_path):
         ("federation.rounds=2.5", "federation.rounds"),
         ("federation.lr=-1", "federation.lr"),
         ("federation.lr=nan", "federation.lr"),
-        ("task.dataset=mnist", "task.dataset"),
-        ("task.iid=1", "task.iid"),
+        ("task.dataset=mnist", "task.name"),  # the old key names the new one
+        ("task.iid=1", "task.params"),
+        ("task.name=mnist", "task.name"),
+        ("task.name=no_such_module:Task", "task.name"),
+        ("task.params.model=lstm", "task.params"),
+        ("task.params.layers=3", "task.params"),
+        ("task.seed=-1", "task.seed"),
         ("strategy.name=scaffold", "strategy.name"),
         ("fleet.stragglers=1.5", "fleet.stragglers"),
         ("fleet.mix={iphone99=1}", "fleet.mix"),
@@ -63,7 +68,7 @@ def test_bad_values_name_the_key(override, key):
 
 
 def test_cnn_on_synthetic_is_rejected():
-    with pytest.raises(ConfigError, match="task.model"):
+    with pytest.raises(ConfigError, match="task.params.*model 'cnn'"):
         load_config(None, ["task.dataset=synthetic", "task.model=cnn"])
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fleetfl.client.data_format import DataFormatError, check_task, load_npz, save_npz
+from fleetfl.tasks.data_format import DataFormatError, check_task, load_npz, save_npz
 
 
 def _shard(tmp_path: Path, **arrays: np.ndarray) -> Path:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fleetfl.client.data_format import save_npz
+from fleetfl.tasks.data_format import save_npz
 
 CHILD = r"""
 import sys

@@ -10,9 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fleetfl.client.data_format import DataFormatError, save_npz
 from fleetfl.client.local import (
-    TASK_SPECS,
     TaskSettings,
     default_index,
     load_local_task,
@@ -20,18 +18,20 @@ from fleetfl.client.local import (
     write_profile,
 )
 from fleetfl.devices.profiles import get_profile
+from fleetfl.tasks.data_format import DataFormatError, save_npz
 
-SETTINGS = TaskSettings(dataset="digits", model="cnn", alpha=1.0, beta=1.0, iid=False,
-                        partition_alpha=0.5, seed=0, num_clients=3, fleet_mix='{"rpi4": 1}',
-                        fleet_seed=0)
+SETTINGS = TaskSettings(name="digits", params='{"model": "cnn"}', seed=0, num_clients=3,
+                        fleet_mix='{"rpi4": 1}', fleet_seed=0)
 
 
-@pytest.mark.parametrize("dataset", sorted(TASK_SPECS))
-def test_task_specs_match_the_generators(dataset: str) -> None:
-    from fleetfl.tasks.registry import load_federated
+@pytest.mark.parametrize("name", ["digits", "synthetic"])
+def test_builtin_task_shapes_match_their_data(name: str) -> None:
+    """A device checks its data against these without generating the dataset."""
+    from fleetfl.tasks.registry import resolve_task
 
-    data = load_federated(dataset, num_clients=2, seed=0)
-    assert TASK_SPECS[dataset] == (data.input_shape, data.num_classes)
+    task = resolve_task(name)
+    data = task.federated_data(2, 0)
+    assert (task.input_shape, task.num_classes) == (data.input_shape, data.num_classes)
 
 
 def _shard(tmp_path: Path, n: int = 12) -> Path:
@@ -45,7 +45,7 @@ def test_device_task_reads_data_path_device_and_index(tmp_path: Path) -> None:
     local = load_local_task(SETTINGS, node)
     assert local.index == 7 and local.num_examples == 12
     assert local.device == get_profile("rpi5")
-    assert local.input_shape == (1, 8, 8) and local.num_classes == 10
+    assert local.input_shape == (1, 8, 8) and local.task.num_classes == 10
     assert tuple(local.x_train.shape) == (12, 1, 8, 8)
     model = local.fresh_model()
     assert model(local.x_train[:2]).shape == (2, 10)

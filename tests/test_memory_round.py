@@ -15,7 +15,6 @@ from flwr.app import Message
 from loopback import LoopbackGrid
 
 from fleetfl import protocol as P
-from fleetfl.client.data_format import save_npz
 from fleetfl.client.local import LocalTask, load_local_task, task_settings
 from fleetfl.client.memory import decide
 from fleetfl.coordinator.config import load_config
@@ -33,6 +32,8 @@ from fleetfl.devices.memory_planner import (
 )
 from fleetfl.devices.memory_stats import training_memory_stats
 from fleetfl.devices.profiles import get_profile
+from fleetfl.tasks.builtin import DigitsTask
+from fleetfl.tasks.data_format import save_npz
 from fleetfl.tasks.models import build_model
 
 DIGITS = (1, 8, 8)
@@ -118,8 +119,8 @@ def _client_config(micro: int, runtime_mib: float) -> dict:
 
 def test_the_client_check_uses_its_own_resident_memory_on_a_device():
     local = LocalTask(index=0, device=get_profile("rpi3"), x=np.zeros((BATCH, *DIGITS),
-                      np.float32), y=np.zeros(BATCH, np.int64), model_name="cnn",
-                      input_shape=DIGITS, num_classes=10, seed=0)
+                      np.float32), y=np.zeros(BATCH, np.int64), task=DigitsTask(),
+                      seed=0)
     whole = predict_peak(cnn_stats(), BATCH, 1, False).total
     # The coordinator assumed a lean 64 MiB runtime: the whole batch fits the Pi 3's 512 MiB...
     lean = _client_config(BATCH, 64.0)

@@ -73,7 +73,8 @@ def test_the_final_checkpoint_rebuilds_the_global_model(tmp_path: Path) -> None:
     outcome, _ = _run(3, checkpoint_path=tmp_path / "model.pt")
     ckpt = load_checkpoint(tmp_path / "model.pt")
     assert ckpt.server_round == 3
-    assert ckpt.task["model"] == "cnn" and tuple(ckpt.task["input_shape"]) == (1, 8, 8)
+    assert ckpt.task["name"] == "digits" and ckpt.task["params"]["model"] == "cnn"
+    assert tuple(ckpt.task["input_shape"]) == (1, 8, 8)
     assert ckpt.masks is not None and ckpt.quantization["update_bits"] == 8
     model = ckpt.build_model()
     for got, want in zip(model.state_dict().values(), _weights(outcome), strict=True):

@@ -177,7 +177,7 @@ def test_client_start_option_errors(tmp_path: Path) -> None:
 
 
 def test_data_split_writes_simulation_shards(tmp_path: Path) -> None:
-    from fleetfl.client.data_format import load_npz
+    from fleetfl.tasks.data_format import load_npz
     from fleetfl.tasks.registry import load_federated
 
     assert data_cmd.run(_parse("data", "split", "--dataset", "digits", "--num-clients", "3",

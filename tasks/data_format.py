@@ -18,6 +18,7 @@ from __future__ import annotations
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -117,6 +118,18 @@ def check_task(data: LocalData, path: str | Path, input_shape: tuple[int, ...],
         if y is not None and len(y) and int(y.max()) >= num_classes:
             raise DataFormatError(f"{path}: '{name}' has label {int(y.max())}, the task has "
                                   f"{num_classes} classes (0..{num_classes - 1})")
+
+
+def check_split(split: Any, path: str | Path, input_shape: tuple[int, ...] | None,
+                num_classes: int | None) -> None:
+    """Check a loaded split (``x``, ``y``) against a task's optional ``input_shape`` and
+    ``num_classes`` (unset ones are not checked); raises :class:`DataFormatError`."""
+    if input_shape is not None and tuple(split.x.shape[1:]) != tuple(input_shape):
+        raise DataFormatError(f"{path}: examples have shape {tuple(split.x.shape[1:])}, the task "
+                              f"needs {tuple(input_shape)}")
+    if num_classes is not None and len(split.y) and int(split.y.max()) >= num_classes:
+        raise DataFormatError(f"{path}: 'y' has label {int(split.y.max())}, the task has "
+                              f"{num_classes} classes (0..{num_classes - 1})")
 
 
 def save_npz(path: str | Path, x: np.ndarray, y: np.ndarray, x_test: np.ndarray | None = None,
