@@ -203,6 +203,7 @@ class LogSaver:
             out.write(f"--- run {self.run_id} ---\n")
             while not self._stop.is_set():
                 after = self._client.stream_logs(self.run_id, out, after)
+                out.flush()  # a coordinator killed -9 keeps what it had logged
                 try:
                     if self._client.run(self.run_id).finished:
                         break
