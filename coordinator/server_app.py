@@ -31,6 +31,7 @@ from fleetfl.coordinator.checkpoint import save_checkpoint
 from fleetfl.coordinator.config import Config, from_run_config, to_run_config
 from fleetfl.coordinator.grid import fast_polling
 from fleetfl.coordinator.planning import MemorySettings, PlanSettings
+from fleetfl.coordinator.preflight import check_task
 from fleetfl.coordinator.registry import FleetRegistry
 from fleetfl.coordinator.state import RoundState, RoundStore
 from fleetfl.coordinator.strategy import FleetFedProx
@@ -79,6 +80,7 @@ def run_rounds(grid: Grid, config: Config, outcome: RunOutcome,
     task = task_cfg.build()
     data = task.federated_data(fed.num_clients, task_cfg.seed)
     model = task.build_model(task_cfg.seed)
+    check_task(config, task, model, data)
     train_all, test = data.train_union(), data.test
     tensors = {name: torch.from_numpy(s.x) for name, s in (("train", train_all), ("test", test))}
     labels = {name: torch.from_numpy(s.y) for name, s in (("train", train_all), ("test", test))}

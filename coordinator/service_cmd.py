@@ -187,6 +187,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"fleetfl: error: {err}", file=sys.stderr)
         return 2
     config = load_config(args.config, args.overrides)  # ConfigError is reported by the CLI
+    from fleetfl.coordinator.preflight import preflight
+
+    preflight(config)  # before the SuperLink starts
     try:
         return serve(settings, config)
     except (RuntimeError, ValueError) as err:

@@ -19,6 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from fleetfl.coordinator.config import Config
+from fleetfl.coordinator.preflight import preflight
 from fleetfl.coordinator.report import append_row, build_summary, plot_report, write_summary
 from fleetfl.coordinator.server_app import RunOutcome, make_server_app
 
@@ -51,6 +52,7 @@ def simulate(config: Config, *, verbose: bool = False, console: Console | None =
 
     from fleetfl.client.app import app as client_app
 
+    preflight(config)  # a feature that cannot apply to the model: an error before Ray starts
     console = console or Console(stderr=True)
     out = Path(config.output.dir)
     out.mkdir(parents=True, exist_ok=True)

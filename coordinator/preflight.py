@@ -1,0 +1,60 @@
+"""Start-up checks of what a task's model can do, before any engine starts.
+
+A feature that cannot apply to the user's model must stop the run at start-up with one error
+naming the configuration key and the layer, never fail mid-run or be skipped silently:
+
+* ``compression.qat``: fake-quant covers Linear and Conv layers (:mod:`fleetfl.compression.qat`).
+  A recurrent or attention layer would train in float and deploy unquantized, so a model with
+  one is refused.
+* ``compression.prune_final_sparsity``: the task's ``prunable`` names must be float tensors of
+  the model's ``state_dict`` (pruning zeroes them by magnitude).
+* the model must accept the task's data: one forward pass on two training examples.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from fleetfl.coordinator.config import Config, ConfigError
+
+if TYPE_CHECKING:
+    from fleetfl.tasks.data import FederatedDataset
+    from fleetfl.tasks.task import Task
+
+# Layers whose weights QAT does not fake-quantize (the rest of a model is activations).
+NOT_QUANTIZABLE: tuple[type[nn.Module], ...] = (nn.RNNBase, nn.MultiheadAttention, nn.Bilinear)
+
+
+def check_task(config: Config, task: Task, model: nn.Module, data: FederatedDataset) -> None:
+    """Raise :class:`ConfigError` naming the key (and layer) of the first feature that cannot
+    apply to ``model`` or ``data``."""
+    if config.compression.qat:
+        for name, module in model.named_modules():
+            if isinstance(module, NOT_QUANTIZABLE):
+                raise ConfigError("compression.qat", f"layer {name!r} ({type(module).__name__}) "
+                                  f"cannot be fake-quantized: QAT covers Linear and Conv layers; "
+                                  f"set compression.qat = false for this task")
+    if config.compression.prune_final_sparsity > 0:
+        state = model.state_dict()
+        for name in task.prunable(model):
+            if name not in state or not state[name].is_floating_point():
+                raise ConfigError("compression.prune_final_sparsity",
+                                  f"task.prunable names {name!r}, not a float tensor of the "
+                                  f"model's state_dict")
+    train, _ = data.clients[0]
+    try:
+        with torch.no_grad():
+            model.eval()(torch.from_numpy(train.x[:2]))
+    except Exception as err:  # noqa: BLE001 - any failure of the user's forward is reported
+        raise ConfigError("task.name", f"the model of task {task.name!r} fails on its data "
+                                       f"(shape {tuple(train.x.shape[1:])}): {err}") from None
+
+
+def preflight(config: Config) -> None:
+    """Build the configured task, its data and model once, and run :func:`check_task`."""
+    task = config.task.build()
+    data = task.federated_data(config.federation.num_clients, config.task.seed)
+    check_task(config, task, task.build_model(config.task.seed), data)
