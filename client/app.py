@@ -23,7 +23,7 @@ from fleetfl.client.transport import kept_values, pack_update, quantize_update, 
 from fleetfl.compression.masks import apply_masks_torch_
 from fleetfl.compression.qat import enable_qat
 from fleetfl.devices.workplan import WorkPlan
-from fleetfl.tasks.task import Task
+from fleetfl.tasks.task import Task, evaluate_task
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,10 @@ def client_app(task: Task | None = None) -> ClientApp:
     @client.query("secagg")
     def _secagg(msg: Message, context: Context) -> Message:
         return secagg(msg, context)
+
+    @client.evaluate()
+    def _evaluate(msg: Message, context: Context) -> Message:
+        return evaluate(msg, context, task)
 
     return client
 
@@ -134,6 +138,24 @@ def train(msg: Message, context: Context, task: Task | None = None) -> Message:
     reply = RecordDict({P.PAYLOAD: ConfigRecord({P.UPDATE_BLOB: blob}),
                         P.METRICS: MetricRecord(metrics)})  # type: ignore[arg-type]
     return Message(reply, reply_to=msg)
+
+
+def evaluate(msg: Message, context: Context, task: Task | None = None) -> Message:
+    """Federated evaluation: the global model (``arrays``) on this client's local test split.
+
+    Replies ``metrics`` with ``num-examples`` (test examples) and the task's ``loss`` and
+    metrics; a client without a test split replies with an error (it is left out).
+    """
+    cfg = msg.content[P.CONFIG]
+    local = load_local_task(task_settings(cfg), context.node_config, task)
+    if local.test is None or len(local.test) == 0:
+        raise ValueError("this client has no local test split (x_test/y_test)")
+    model = local.fresh_model()
+    model.load_state_dict(msg.content[P.ARRAYS].to_torch_state_dict())
+    values = evaluate_task(local.task, model, torch.from_numpy(local.test.x),
+                           torch.from_numpy(local.test.y))
+    metrics = MetricRecord({P.NUM_EXAMPLES: len(local.test), **values})
+    return Message(RecordDict({P.METRICS: metrics}), reply_to=msg)
 
 
 def secagg(msg: Message, context: Context) -> Message:

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from fleetfl.devices.profiles import DeviceProfile, get_profile
-from fleetfl.tasks.data import FederatedDataset
+from fleetfl.tasks.data import FederatedDataset, Split
 from fleetfl.tasks.data_format import check_split
 from fleetfl.tasks.registry import resolve_task
 from fleetfl.tasks.task import Task
@@ -92,6 +92,7 @@ class LocalTask:
     y: np.ndarray  # int64, (n,)
     task: Task
     seed: int
+    test: Split | None = None  # the local test split, for federated evaluation
 
     @property
     def num_examples(self) -> int:
@@ -151,6 +152,7 @@ def _load_device(settings: TaskSettings, task: Task, data_path: str, device: str
         y=data.y,
         task=task,
         seed=settings.seed,
+        test=task.load_local_test(data_path),
     )
 
 
@@ -217,7 +219,7 @@ def _load_partition(settings: TaskSettings, task: Task, index: int) -> LocalTask
     data = _federated_data(settings, task)
     if not 0 <= index < data.num_clients:
         raise ValueError(f"partition-id {index} outside [0, {data.num_clients})")
-    train, _ = data.clients[index]
+    train, test = data.clients[index]
     fleet = build_fleet(settings.num_clients, json.loads(settings.fleet_mix), settings.fleet_seed)
     return LocalTask(
         index=index,
@@ -226,6 +228,7 @@ def _load_partition(settings: TaskSettings, task: Task, index: int) -> LocalTask
         y=train.y,
         task=task,
         seed=settings.seed,
+        test=test,
     )
 
 

@@ -107,6 +107,8 @@ class FederationConfig:
     ray_address: str = _f("", "'' starts a local Ray; 'auto' or 'HOST:PORT' joins a cluster")
     client_cpus: float = _f(1.0, "Ray CPUs reserved per simulated client")
     round_timeout_s: float = _f(600.0, "wall seconds to wait for a round's replies")
+    evaluate_every: int = _f(0, "federated evaluation every N rounds: the round's cohort "
+                                "evaluates the global model on its local test splits (0: never)")
 
     def check(self) -> None:
         _positive("federation.num_clients", self.num_clients)
@@ -122,6 +124,7 @@ class FederationConfig:
         _positive("federation.lr", self.lr)
         _positive("federation.client_cpus", self.client_cpus)
         _positive("federation.round_timeout_s", self.round_timeout_s)
+        _at_least("federation.evaluate_every", self.evaluate_every, 0)
 
 
 @dataclass(frozen=True)

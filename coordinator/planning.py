@@ -54,6 +54,9 @@ class PlanSettings:
     deadline_s: float | None
     seed: int
     memory: MemorySettings | None = None  # None: no memory planning
+    # Simulation: each profile's availability decides who is online in a round. Deployment:
+    # False, a real device is online when its node is connected (FleetRegistry.refresh).
+    simulated_availability: bool = True
 
 
 @dataclass(frozen=True)
@@ -94,7 +97,8 @@ def draw_cohort(
 ) -> Cohort:
     """Sample up to ``clients_per_round`` clients among those online this round whose device
     can fit a memory plan; the online clients that cannot are listed with the reason."""
-    online = available_clients([c.device for c in clients], server_round, settings.seed)
+    online = (available_clients([c.device for c in clients], server_round, settings.seed)
+              if settings.simulated_availability else list(range(len(clients))))
     unfit, eligible = [], []
     for i in online:
         plan = memory_plan(clients[i], settings)

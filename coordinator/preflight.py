@@ -8,29 +8,29 @@ naming the configuration key and the layer, never fail mid-run or be skipped sil
   one is refused.
 * ``compression.prune_final_sparsity``: the task's ``prunable`` names must be float tensors of
   the model's ``state_dict`` (pruning zeroes them by magnitude).
-* the model must accept the task's data: one forward pass on two training examples.
+* the model must accept the task's input: one forward pass on two examples.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 from torch import nn
 
 from fleetfl.coordinator.config import Config, ConfigError
 
 if TYPE_CHECKING:
-    from fleetfl.tasks.data import FederatedDataset
     from fleetfl.tasks.task import Task
 
 # Layers whose weights QAT does not fake-quantize (the rest of a model is activations).
 NOT_QUANTIZABLE: tuple[type[nn.Module], ...] = (nn.RNNBase, nn.MultiheadAttention, nn.Bilinear)
 
 
-def check_task(config: Config, task: Task, model: nn.Module, data: FederatedDataset) -> None:
+def check_task(config: Config, task: Task, model: nn.Module, example: np.ndarray) -> None:
     """Raise :class:`ConfigError` naming the key (and layer) of the first feature that cannot
-    apply to ``model`` or ``data``."""
+    apply to ``model``, or if it fails on ``example`` (a batch of the task's inputs)."""
     if config.compression.qat:
         for name, module in model.named_modules():
             if isinstance(module, NOT_QUANTIZABLE):
@@ -44,17 +44,18 @@ def check_task(config: Config, task: Task, model: nn.Module, data: FederatedData
                 raise ConfigError("compression.prune_final_sparsity",
                                   f"task.prunable names {name!r}, not a float tensor of the "
                                   f"model's state_dict")
-    train, _ = data.clients[0]
     try:
         with torch.no_grad():
-            model.eval()(torch.from_numpy(train.x[:2]))
+            model.eval()(torch.from_numpy(example))
     except Exception as err:  # noqa: BLE001 - any failure of the user's forward is reported
         raise ConfigError("task.name", f"the model of task {task.name!r} fails on its data "
-                                       f"(shape {tuple(train.x.shape[1:])}): {err}") from None
+                                       f"(shape {tuple(example.shape[1:])}): {err}") from None
 
 
-def preflight(config: Config) -> None:
-    """Build the configured task, its data and model once, and run :func:`check_task`."""
+def preflight(config: Config, *, deployed: bool = False) -> None:
+    """Build the configured task and model once and run the start-up checks, on the task's
+    data in simulation and, ``deployed``, on zeros of its ``input_shape`` (no client data)."""
+    from fleetfl.coordinator.central_eval import evaluation_sets
+
     task = config.task.build()
-    data = task.federated_data(config.federation.num_clients, config.task.seed)
-    check_task(config, task, task.build_model(config.task.seed), data)
+    evaluation_sets(config, task, task.build_model(config.task.seed), deployed)

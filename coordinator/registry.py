@@ -43,8 +43,13 @@ class FleetRegistry:
         return sorted(self._clients.values(), key=lambda c: c.index)
 
     def refresh(self, grid: Grid) -> None:
-        """Query every connected node not yet registered and record its answer."""
-        new = [n for n in grid.get_node_ids() if n not in self._clients]
+        """Forget nodes that left; query every connected node not yet registered."""
+        connected = list(grid.get_node_ids())
+        gone = set(self._clients) - set(connected)
+        for node in gone:
+            log.info("node %d left; it is no longer sampled", node)
+            del self._clients[node]
+        new = [n for n in connected if n not in self._clients]
         if not new:
             return
         cfg = ConfigRecord(dict(self._config))

@@ -27,11 +27,12 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from fleetfl import protocol as P
+from fleetfl.coordinator.central_eval import evaluation_sets
 from fleetfl.coordinator.checkpoint import save_checkpoint
 from fleetfl.coordinator.config import Config, from_run_config, to_run_config
+from fleetfl.coordinator.fed_eval import federated_evaluation
 from fleetfl.coordinator.grid import fast_polling
 from fleetfl.coordinator.planning import MemorySettings, PlanSettings
-from fleetfl.coordinator.preflight import check_task
 from fleetfl.coordinator.registry import FleetRegistry
 from fleetfl.coordinator.state import RoundState, RoundStore
 from fleetfl.coordinator.strategy import FleetFedProx
@@ -39,7 +40,6 @@ from fleetfl.coordinator.transport import ModelTransport, TransportSettings
 from fleetfl.devices.clock import VirtualClock
 from fleetfl.devices.memory_planner import TrainingMemoryStats
 from fleetfl.tasks.models import training_flops_per_sample
-from fleetfl.tasks.task import evaluate_task
 
 RoundCallback = Callable[[dict[str, Any]], None]
 log = logging.getLogger(__name__)
@@ -69,24 +69,24 @@ def message_config(config: Config) -> ConfigRecord:
 
 def run_rounds(grid: Grid, config: Config, outcome: RunOutcome,
                on_round: RoundCallback | None = None, *,
-               checkpoint_path: Path | None = None, store: RoundStore | None = None) -> None:
+               checkpoint_path: Path | None = None, store: RoundStore | None = None,
+               deployed: bool = False) -> None:
     """Run ``config.federation.rounds`` FleetFedProx rounds on ``grid``, filling ``outcome``.
 
     After each round the global model is written to ``checkpoint_path`` (if given) and
     committed to ``store`` (if given); with a ``store`` holding a commit, the run continues
-    after that round instead of starting over.
+    after that round instead of starting over. ``deployed``: real devices; the coordinator
+    loads no client data (central evaluation only on the task's ``central_test()``), and a
+    device is online when its node is connected.
     """
     task_cfg, fed = config.task, config.federation
     task = task_cfg.build()
-    data = task.federated_data(fed.num_clients, task_cfg.seed)
     model = task.build_model(task_cfg.seed)
-    check_task(config, task, model, data)
-    train_all, test = data.train_union(), data.test
-    tensors = {name: torch.from_numpy(s.x) for name, s in (("train", train_all), ("test", test))}
-    labels = {name: torch.from_numpy(s.y) for name, s in (("train", train_all), ("test", test))}
+    sets = evaluation_sets(config, task, model, deployed)
+    input_shape, num_classes = sets.input_shape, sets.num_classes
     shared = message_config(config)
     registry = FleetRegistry(shared, timeout_s=fed.round_timeout_s)
-    memory_stats = model_memory_stats(model, data.input_shape, qat=config.compression.qat)
+    memory_stats = model_memory_stats(model, input_shape, qat=config.compression.qat)
     settings = PlanSettings(
         clients_per_round=fed.clients_per_round,
         local_epochs=fed.local_epochs,
@@ -96,6 +96,7 @@ def run_rounds(grid: Grid, config: Config, outcome: RunOutcome,
         seed=config.fleet.seed,
         memory=MemorySettings(memory_stats, config.fleet.memory_budget_fraction,
                               config.fleet.runtime_memory_bytes),
+        simulated_availability=not deployed,
     )
     comp = config.compression
     transport = ModelTransport(
@@ -118,13 +119,13 @@ def run_rounds(grid: Grid, config: Config, outcome: RunOutcome,
         transport=transport,
         settings=settings,
         proximal_mu=config.strategy.mu,
-        flops_per_sample=training_flops_per_sample(model, data.input_shape),
+        flops_per_sample=training_flops_per_sample(model, input_shape),
         drop_stragglers=config.fleet.drop_stragglers,
     )
     clock = VirtualClock()
     started = time.perf_counter()
-    task_record = {**asdict(task_cfg), "input_shape": list(data.input_shape),
-                   "num_classes": data.num_classes, "num_clients": fed.num_clients}
+    task_record = {**asdict(task_cfg), "input_shape": list(input_shape),
+                   "num_classes": num_classes, "num_clients": fed.num_clients}
     done = _resume(store, config, model, transport, clock, outcome)
     strategy.round_offset = done
 
@@ -132,14 +133,18 @@ def run_rounds(grid: Grid, config: Config, outcome: RunOutcome,
         model.load_state_dict(arrays.to_torch_state_dict())
         if server_round == 0 and done:
             return None  # resumed: the initial evaluation is in the committed history
-        test_metrics = evaluate_task(task, model, tensors["test"], labels["test"])
-        train_loss = evaluate_task(task, model, tensors["train"], labels["train"])["loss"]
         server_round += done
-        row: dict[str, Any] = {"round": server_round, "accuracy": math.nan, **test_metrics,
-                               "train_loss": train_loss}
+        every = fed.evaluate_every
+        federated = (federated_evaluation(grid, strategy.cohort_nodes, arrays, shared,
+                                          server_round, fed.round_timeout_s)
+                     if every and server_round > 0 and server_round % every == 0 else {})
+        row: dict[str, Any] = {"round": server_round, **sets.evaluate(task, model), **federated}
+        if row["evaluation"] == "none" and federated:
+            row.update(accuracy=federated.get("fed_accuracy", math.nan),
+                       loss=federated.get("fed_loss", math.nan), evaluation="federated")
         if server_round == 0:
             outcome.initial = row
-            return MetricRecord(row)
+            return _metric_record(row)
         stats = strategy.history[-1]
         clock.advance(stats.round_time_s)
         row.update({k: v for k, v in asdict(stats).items() if k != "server_round"})
@@ -158,7 +163,7 @@ def run_rounds(grid: Grid, config: Config, outcome: RunOutcome,
         _save(state, checkpoint_path, store)
         if on_round is not None:
             on_round(row)
-        return MetricRecord({k: v for k, v in row.items() if isinstance(v, int | float)})
+        return _metric_record(row)
 
     if done >= fed.rounds:
         log.warning("all %d rounds were already committed; nothing to do", fed.rounds)
@@ -233,11 +238,11 @@ def _save(state: RoundState, checkpoint_path: Path | None, store: RoundStore | N
 
 def make_server_app(config: Config | None = None, on_round: RoundCallback | None = None,
                     outcome: RunOutcome | None = None,
-                    checkpoint_path: Path | None = None) -> ServerApp:
+                    checkpoint_path: Path | None = None, deployed: bool = False) -> ServerApp:
     """A ServerApp running ``config`` (or, if ``None``, the config in Flower's run_config).
 
     The ServerApp commits and resumes rounds in ``$FLEETFL_STATE_DIR/rounds`` when that is
-    set (``fleetfl coordinator start`` sets it).
+    set (``fleetfl coordinator start`` sets it). ``deployed``: see :func:`run_rounds`.
     """
     server_app = ServerApp()
 
@@ -248,7 +253,7 @@ def make_server_app(config: Config | None = None, on_round: RoundCallback | None
         try:
             run_rounds(fast_polling(grid), cfg,
                        outcome if outcome is not None else RunOutcome(), on_round,
-                       checkpoint_path=checkpoint_path, store=store)
+                       checkpoint_path=checkpoint_path, store=store, deployed=deployed)
         finally:
             if store is not None:
                 store.release()
@@ -256,8 +261,14 @@ def make_server_app(config: Config | None = None, on_round: RoundCallback | None
     return server_app
 
 
+def _metric_record(row: dict[str, Any]) -> MetricRecord:
+    """The numeric fields of a round's row (what Flower's log shows)."""
+    return MetricRecord({k: v for k, v in row.items()
+                         if isinstance(v, int | float) and not isinstance(v, bool)})
+
+
 def _log_round(row: dict[str, Any]) -> None:
     print(json.dumps({k: row[k] for k in ("round", "accuracy", "loss", "aggregated")}), flush=True)
 
 
-app = make_server_app(on_round=_log_round)
+app = make_server_app(on_round=_log_round, deployed=True)

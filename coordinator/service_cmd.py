@@ -189,7 +189,7 @@ def run(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)  # ConfigError is reported by the CLI
     from fleetfl.coordinator.preflight import preflight
 
-    preflight(config)  # before the SuperLink starts
+    preflight(config, deployed=True)  # before the SuperLink starts
     try:
         return serve(settings, config)
     except (RuntimeError, ValueError) as err:

@@ -127,6 +127,11 @@ class FleetFedProx(FedProx):
         # from 1, the fleet's round numbers (plans, masks, replay checks) go on from here.
         self.round_offset = 0
 
+    @property
+    def cohort_nodes(self) -> list[int]:
+        """Node ids of the latest round's cohort (selected for training)."""
+        return list(self._cohort)
+
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:

@@ -12,8 +12,8 @@ Everything else has a default that a subclass may override:
 
 * :meth:`loss`: cross-entropy on logits (mean over the batch);
 * :meth:`metrics`: ``{"accuracy": ...}``;
-* :meth:`load_local`: a device's own data, the ``.npz`` format of
-  :mod:`fleetfl.tasks.data_format`;
+* :meth:`load_local` / :meth:`load_local_test`: a device's own training and test data, the
+  ``.npz`` format of :mod:`fleetfl.tasks.data_format`;
 * :meth:`central_test`: an evaluation set the deployed coordinator may hold (none);
 * :meth:`prunable`: which parameters magnitude pruning may zero (the weights of Linear, Conv
   and recurrent layers).
@@ -75,6 +75,16 @@ class Task:
 
         data = load_npz(path)
         return Split(x=data.x, y=data.y)
+
+    def load_local_test(self, path: str | Path) -> Split | None:
+        """A device's own test split for federated evaluation (default: the ``.npz`` file's
+        optional ``x_test``/``y_test``; ``None`` if it has none)."""
+        from fleetfl.tasks.data_format import load_npz
+
+        data = load_npz(path)
+        if data.x_test is None or data.y_test is None:
+            return None
+        return Split(x=data.x_test, y=data.y_test)
 
     def central_test(self) -> Split | None:
         """An evaluation set the deployed coordinator may hold; ``None``: it holds no data."""

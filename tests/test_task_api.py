@@ -142,7 +142,7 @@ def test_a_model_that_does_not_fit_its_data_stops_the_run_at_start_up() -> None:
     from fleetfl.coordinator.preflight import check_task
 
     with pytest.raises(ConfigError, match="fails on its data"):
-        check_task(cfg, task, task.build_model(0), task.federated_data(2, 0))
+        check_task(cfg, task, task.build_model(0), task.federated_data(2, 0).test.x[:2])
 
 
 def test_builtin_tasks_keep_their_old_keys() -> None:
