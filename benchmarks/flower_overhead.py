@@ -37,9 +37,10 @@ def run_flower(rounds: int) -> list[float]:
     from flwr.serverapp.strategy import FedAvg
     from flwr.simulation import run_simulation
 
-    from fleetfl.tasks.evaluation import evaluate
+    from fleetfl.tasks.builtin import DigitsTask
     from fleetfl.tasks.models import build_model
     from fleetfl.tasks.registry import load_federated
+    from fleetfl.tasks.task import evaluate_task
 
     logging.getLogger("flwr").setLevel(logging.ERROR)
 
@@ -78,7 +79,8 @@ def run_flower(rounds: int) -> list[float]:
 
         def central(server_round: int, arrays: ArrayRecord) -> MetricRecord:
             model.load_state_dict(arrays.to_torch_state_dict())
-            loss, acc = evaluate(model, xt, yt)
+            scores = evaluate_task(DigitsTask(), model, xt, yt)
+            loss, acc = scores["loss"], scores["accuracy"]
             marks.append(time.perf_counter())
             return MetricRecord({"accuracy": acc, "loss": loss})
 
