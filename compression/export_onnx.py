@@ -14,10 +14,11 @@ Weights use onnxruntime's ``reduce_range`` (int8 values in [-64, 64], 7 bits). W
 file's outputs depend on the CPU that runs it: onnxruntime's x86 kernels for CPUs without VNNI
 (AVX2, AVX-512 without VNNI: many laptops and older servers) multiply with ``VPMADDUBSW``, which
 adds two u8 x s8 products into a *saturating* int16, wrong as soon as ``255 * (|w_i| + |w_j|) >
-32767``. Measured on the digits CNN (``benchmarks/export.py``, and under ``qemu-x86_64 -cpu
-Haswell``): full-range weights gave a mean logit error of 0.60 there against 0.03 on VNNI/AMX
-CPUs (and ARM's ``sdot``), 97.8 % top-1 agreement with torch instead of 100 %; with
-``reduce_range`` the same 0.04 and 99.7 % on both. onnxruntime documents ``reduce_range`` for
+32767``. Measured on the digits CNN (``benchmarks/export_x86_kernels.py``, under ``qemu-x86_64
+-cpu Haswell``): full-range weights gave a mean logit error of 0.60 there against 0.03 on a
+VNNI/AMX CPU, 97.8 % top-1 agreement with torch instead of 100 %; with ``reduce_range`` the same
+0.04 and 99.7 % on both. (ARM's ``sdot`` accumulates in int32 and does not saturate; not run
+here.) onnxruntime documents ``reduce_range`` for
 exactly this case. QAT (:mod:`fleetfl.compression.qat`) trains on the same 7-bit weight grid.
 
 Both files are "compacted" for the device: debug strings (node names, per-node metadata,

@@ -19,8 +19,8 @@ the tensors the clients exchange. We use the same fake-quant kernels
 weights in [-64, 64] (onnxruntime's ``reduce_range``, 129 levels), because onnxruntime's x86
 kernels without VNNI multiply u8 activations by s8 weights with ``VPMADDUBSW``, which saturates a
 pair of products at int16 unless ``|w_i| + |w_{i+1}| <= 128``; with full-range weights the same
-file computed logits off by 0.6 on average on such a CPU, against 0.03 on VNNI, AMX and ARM
-CPUs. QAT trains on that exported grid, so the fake-quant forward is the deployed model's.
+file computed logits off by 0.6 on average on such a CPU, against 0.03 on a VNNI/AMX CPU.
+QAT trains on that exported grid, so the fake-quant forward is the deployed model's.
 TFLite's full-range int8 weights (``export_tflite``) hold this grid's values to within half of
 their own finer step.
 
