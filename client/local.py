@@ -31,7 +31,7 @@ import numpy as np
 
 from fleetfl.devices.profiles import DeviceProfile, get_profile
 from fleetfl.tasks.data import FederatedDataset, Split
-from fleetfl.tasks.data_format import check_split
+from fleetfl.tasks.data_format import check_task
 from fleetfl.tasks.registry import resolve_task
 from fleetfl.tasks.task import Task
 
@@ -143,8 +143,9 @@ def load_local_task(settings: TaskSettings, node_config: Mapping[str, Any],
 
 def _load_device(settings: TaskSettings, task: Task, data_path: str, device: str,
                  index: int | None) -> LocalTask:
-    data = task.load_local(data_path)
-    check_split(data, data_path, task.input_shape, task.num_classes)
+    data, test = task.load_local(data_path), task.load_local_test(data_path)
+    for split in (data, test) if test is not None else (data,):
+        check_task(split, data_path, task.input_shape, task.num_classes)
     return LocalTask(
         index=default_index(data_path) if index is None else index,
         device=resolve_device(device),
@@ -152,7 +153,7 @@ def _load_device(settings: TaskSettings, task: Task, data_path: str, device: str
         y=data.y,
         task=task,
         seed=settings.seed,
-        test=task.load_local_test(data_path),
+        test=test,
     )
 
 

@@ -108,28 +108,21 @@ def load_npz(path: str | Path) -> LocalData:
     return LocalData(x, y, x_test, _labels(path, "y_test", arrays["y_test"], len(x_test)))
 
 
-def check_task(data: LocalData, path: str | Path, input_shape: tuple[int, ...],
-               num_classes: int) -> None:
-    """Check ``data`` fits a task's ``input_shape`` and ``num_classes`` (DataFormatError)."""
-    if data.input_shape != tuple(input_shape):
-        raise DataFormatError(f"{path}: examples have shape {data.input_shape}, the task needs "
+def check_task(data: Any, path: str | Path, input_shape: tuple[int, ...] | None,
+               num_classes: int | None) -> None:
+    """Check ``data`` (``x``, ``y`` and, if it has them, ``y_test``: a :class:`LocalData` or a
+    ``Split``) fits a task's ``input_shape`` and ``num_classes``; ``None`` is not checked.
+    Raises :class:`DataFormatError`."""
+    shape = tuple(data.x.shape[1:])
+    if input_shape is not None and shape != tuple(input_shape):
+        raise DataFormatError(f"{path}: examples have shape {shape}, the task needs "
                               f"{tuple(input_shape)}")
-    for name, y in (("y", data.y), ("y_test", data.y_test)):
+    if num_classes is None:
+        return
+    for name, y in (("y", data.y), ("y_test", getattr(data, "y_test", None))):
         if y is not None and len(y) and int(y.max()) >= num_classes:
             raise DataFormatError(f"{path}: '{name}' has label {int(y.max())}, the task has "
                                   f"{num_classes} classes (0..{num_classes - 1})")
-
-
-def check_split(split: Any, path: str | Path, input_shape: tuple[int, ...] | None,
-                num_classes: int | None) -> None:
-    """Check a loaded split (``x``, ``y``) against a task's optional ``input_shape`` and
-    ``num_classes`` (unset ones are not checked); raises :class:`DataFormatError`."""
-    if input_shape is not None and tuple(split.x.shape[1:]) != tuple(input_shape):
-        raise DataFormatError(f"{path}: examples have shape {tuple(split.x.shape[1:])}, the task "
-                              f"needs {tuple(input_shape)}")
-    if num_classes is not None and len(split.y) and int(split.y.max()) >= num_classes:
-        raise DataFormatError(f"{path}: 'y' has label {int(split.y.max())}, the task has "
-                              f"{num_classes} classes (0..{num_classes - 1})")
 
 
 def save_npz(path: str | Path, x: np.ndarray, y: np.ndarray, x_test: np.ndarray | None = None,
