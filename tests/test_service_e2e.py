@@ -258,7 +258,10 @@ def test_the_coordinator_never_opens_client_data(deployment: Deployment) -> None
 def test_the_devices_evaluate_the_global_model(deployment: Deployment) -> None:
     *earlier, last = deployment.seen["rows"]
     assert all(row["evaluation"] == "none" for row in earlier)  # no data on the coordinator
-    assert last["evaluation"] == "federated" and last["fed_clients"] == 3
+    # The round's cohort evaluates: all 3 devices, or 2 if device 2 came back after the resumed
+    # round 3 had sampled its cohort (the restarts race; either is correct).
+    assert last["evaluation"] == "federated" and last["fed_failed"] == 0
+    assert last["fed_clients"] == last["selected"] >= 2
     assert last["accuracy"] == last["fed_accuracy"] > 0.5 and last["fed_examples"] > 0
 
 
