@@ -32,6 +32,7 @@ class EvaluationSets:
 
     input_shape: tuple[int, ...]
     num_classes: int
+    input_dtype: str  # numpy dtype name of the model's input (float32, or token ids)
     test: Split | None
     train: Split | None  # simulation only: the union of the clients' training splits
 
@@ -52,8 +53,10 @@ def evaluation_sets(config: Config, task: Task, model: nn.Module,
     """The sets, after the task's start-up checks (``ConfigError`` naming the key)."""
     if not deployed:
         data = task.federated_data(config.federation.num_clients, config.task.seed)
-        check_task(config, task, model, data.clients[0][0].x[:2])
-        return EvaluationSets(data.input_shape, data.num_classes, data.test, data.train_union())
+        example = data.clients[0][0].x[:2]
+        check_task(config, task, model, example)
+        return EvaluationSets(data.input_shape, data.num_classes, str(example.dtype), data.test,
+                              data.train_union())
     test = task.central_test()
     shape = task.input_shape or (tuple(test.x.shape[1:]) if test is not None else None)
     classes = task.num_classes or (int(test.y.max()) + 1 if test is not None else None)
@@ -61,8 +64,9 @@ def evaluation_sets(config: Config, task: Task, model: nn.Module,
         raise ConfigError("task.name", f"the deployed coordinator holds no client data: task "
                                        f"{task.name!r} must set input_shape and num_classes "
                                        f"(or give a central_test())")
-    check_task(config, task, model, np.zeros((2, *shape), np.float32))
-    return EvaluationSets(tuple(shape), int(classes), test, None)
+    dtype = str(test.x.dtype) if test is not None else task.input_dtype
+    check_task(config, task, model, np.zeros((2, *shape), dtype))
+    return EvaluationSets(tuple(shape), int(classes), dtype, test, None)
 
 
 def _evaluate(task: Task, model: nn.Module, split: Split) -> dict[str, float]:

@@ -86,7 +86,8 @@ def run_rounds(grid: Grid, config: Config, outcome: RunOutcome,
     input_shape, num_classes = sets.input_shape, sets.num_classes
     shared = message_config(config)
     registry = FleetRegistry(shared, timeout_s=fed.round_timeout_s)
-    memory_stats = model_memory_stats(model, input_shape, qat=config.compression.qat)
+    memory_stats = model_memory_stats(model, input_shape, sets.input_dtype,
+                                      qat=config.compression.qat)
     settings = PlanSettings(
         clients_per_round=fed.clients_per_round,
         local_epochs=fed.local_epochs,
@@ -119,7 +120,7 @@ def run_rounds(grid: Grid, config: Config, outcome: RunOutcome,
         transport=transport,
         settings=settings,
         proximal_mu=config.strategy.mu,
-        flops_per_sample=training_flops_per_sample(model, input_shape),
+        flops_per_sample=training_flops_per_sample(model, input_shape, sets.input_dtype),
         drop_stragglers=config.fleet.drop_stragglers,
     )
     clock = VirtualClock()
@@ -179,18 +180,18 @@ def run_rounds(grid: Grid, config: Config, outcome: RunOutcome,
     )
 
 
-def model_memory_stats(model: torch.nn.Module, input_shape: tuple[int, ...], *,
-                       qat: bool) -> TrainingMemoryStats:
+def model_memory_stats(model: torch.nn.Module, input_shape: tuple[int, ...],
+                       input_dtype: str = "float32", *, qat: bool) -> TrainingMemoryStats:
     """The model's training-memory figures, traced once per run on a copy (with the fake-quant
     clients train under when ``qat``: it adds quantized copies of weights and activations)."""
     from fleetfl.compression.qat import enable_qat
     from fleetfl.devices.memory_stats import training_memory_stats
 
     if not qat:
-        return training_memory_stats(model, input_shape)
+        return training_memory_stats(model, input_shape, input_dtype=input_dtype)
     work = copy.deepcopy(model)
     enable_qat(work)
-    return training_memory_stats(work, input_shape)
+    return training_memory_stats(work, input_shape, input_dtype=input_dtype)
 
 
 def _strategy(config: Config, **kwargs: Any) -> FleetFedProx:

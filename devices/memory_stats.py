@@ -61,8 +61,10 @@ def training_memory_stats(
     *,
     optimizer_copies: int = 1,
     probe_batches: tuple[int, int] = (8, 16),
+    input_dtype: str = "float32",
 ) -> TrainingMemoryStats:
-    """Stats of training ``model`` on float32 samples of ``input_shape`` with cross-entropy.
+    """Stats of training ``model`` on samples of ``input_shape`` (numpy dtype ``input_dtype``)
+    with cross-entropy.
 
     ``optimizer_copies`` is the optimizer state in copies of the trainable weights: 1 for the
     FedProx solver (its anchor w^t), 0 for plain SGD, 2 for Adam. The parameter update's
@@ -77,17 +79,19 @@ def training_memory_stats(
         grad_bytes=trainable,
         optimizer_state_bytes=optimizer_copies * trainable,
         update_workspace_bytes=trainable,
-        plain=_fit(model, input_shape, probe_batches, checkpointing=False),
-        checkpointed=(_fit(model, input_shape, probe_batches, checkpointing=True)
+        plain=_fit(model, input_shape, input_dtype, probe_batches, checkpointing=False),
+        checkpointed=(_fit(model, input_shape, input_dtype, probe_batches, checkpointing=True)
                       if can_checkpoint else None),
     )
 
 
 def _fit(
-    model: Any, input_shape: tuple[int, ...], batches: tuple[int, int], *, checkpointing: bool
+    model: Any, input_shape: tuple[int, ...], input_dtype: str, batches: tuple[int, int], *,
+    checkpointing: bool
 ) -> ActivationCost:
     """Fixed and per-sample bytes from traces at two batch sizes."""
-    lo, hi = (trace_training_step(model, input_shape, b, checkpointing=checkpointing)
+    lo, hi = (trace_training_step(model, input_shape, b, checkpointing=checkpointing,
+                                  input_dtype=input_dtype)
               for b in batches)
     span = batches[1] - batches[0]
     saved_slope = (hi.saved - lo.saved) / span
@@ -103,22 +107,25 @@ def _fit(
 
 
 def trace_training_step(
-    model: Any, input_shape: tuple[int, ...], batch: int, *, checkpointing: bool = False
+    model: Any, input_shape: tuple[int, ...], batch: int, *, checkpointing: bool = False,
+    input_dtype: str = "float32",
 ) -> StepTrace:
-    """Trace one forward/backward pass of a copy of ``model`` on a random batch; sizes are
-    resident bytes (``resident_bytes``) of the storages created.
+    """Trace one forward/backward pass of a copy of ``model`` on a random batch (zeros for an
+    integer ``input_dtype``); sizes are resident bytes (``resident_bytes``) of the storages
+    created.
 
     The copy runs on torch's meta device (shapes without data: the same allocations, no
     arithmetic), or on the CPU for a model whose operators have no meta kernel.
     """
     try:
-        return _trace(model, input_shape, batch, checkpointing, "meta")
+        return _trace(model, input_shape, input_dtype, batch, checkpointing, "meta")
     except (NotImplementedError, RuntimeError):
-        return _trace(model, input_shape, batch, checkpointing, "cpu")
+        return _trace(model, input_shape, input_dtype, batch, checkpointing, "cpu")
 
 
 def _trace(
-    model: Any, input_shape: tuple[int, ...], batch: int, checkpointing: bool, device: str
+    model: Any, input_shape: tuple[int, ...], input_dtype: str, batch: int, checkpointing: bool,
+    device: str
 ) -> StepTrace:
     import torch
     import torch.nn.functional as F
@@ -138,7 +145,10 @@ def _trace(
         return t
 
     with tracker:
-        x = torch.randn((batch, *input_shape), device=device)
+        dtype = getattr(torch, input_dtype)
+        x = (torch.randn((batch, *input_shape), device=device, dtype=dtype)
+             if dtype.is_floating_point else
+             torch.zeros((batch, *input_shape), device=device, dtype=dtype))
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             logits = work(x)
         loss = F.cross_entropy(logits, torch.zeros(batch, dtype=torch.long, device=device))

@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from fleetfl.tasks.data import FederatedDataset
+from fleetfl.tasks.shakespeare import ShakespeareTask
 from fleetfl.tasks.task import Task
 
 if TYPE_CHECKING:
@@ -89,7 +90,9 @@ class SyntheticTask(Task):
                               alpha=self.alpha, beta=self.beta, iid=self.iid)
 
 
-BUILTIN_TASKS: dict[str, type[Task]] = {"digits": DigitsTask, "synthetic": SyntheticTask}
+BUILTIN_TASKS: dict[str, type[Task]] = {"digits": DigitsTask, "synthetic": SyntheticTask,
+                                        "shakespeare": ShakespeareTask}
 # Keyword arguments each built-in takes: the keys of [task] before the Task API mapped here.
 BUILTIN_PARAMS: dict[str, tuple[str, ...]] = {"digits": ("model", "partition_alpha", "iid"),
-                                              "synthetic": ("alpha", "beta", "iid", "model")}
+                                              "synthetic": ("alpha", "beta", "iid", "model"),
+                                              "shakespeare": ("model",)}

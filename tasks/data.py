@@ -12,7 +12,9 @@ class Split:
     """A set of labelled examples.
 
     Attributes:
-        x: features, float32, shape ``(n, *input_shape)``.
+        x: features, shape ``(n, *input_shape)``, any real numeric dtype: float32 features, or
+            integer ids (a text task's token ids; the model converts them, e.g. for
+            ``nn.Embedding``).
         y: class labels, int64, shape ``(n,)``, values in ``[0, num_classes)``.
 
     The arrays may be shared with a cache (see ``fleetfl.tasks.registry``): treat them as
@@ -24,8 +26,9 @@ class Split:
 
     def __post_init__(self) -> None:
         # Fail at construction rather than deep inside a training loop.
-        if self.x.dtype != np.float32:
-            raise ValueError(f"Split.x must be float32, got {self.x.dtype}")
+        if not (np.issubdtype(self.x.dtype, np.floating)
+                or np.issubdtype(self.x.dtype, np.integer)):
+            raise ValueError(f"Split.x must hold real numbers, got {self.x.dtype}")
         if self.y.dtype != np.int64:
             raise ValueError(f"Split.y must be int64, got {self.y.dtype}")
         if self.y.ndim != 1 or self.x.ndim < 1 or len(self.x) != len(self.y):

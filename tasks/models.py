@@ -102,50 +102,39 @@ def build_model(
         return _construct(name, input_shape, num_classes)
 
 
-def forward_flops_per_sample(model: nn.Module, input_shape: tuple[int, ...]) -> int:
-    """Forward-pass FLOPs for one sample, counting only Linear and Conv2d layers.
+def forward_flops_per_sample(model: nn.Module, input_shape: tuple[int, ...],
+                             input_dtype: str = "float32") -> int:
+    """Forward-pass FLOPs for one sample, as ``torch.utils.flop_counter.FlopCounterMode``
+    counts them on a zero batch of shape ``(1, *input_shape)`` and dtype ``input_dtype``.
 
-    FLOPs = 2 x multiply-accumulates (one multiply + one add per MAC). Biases, activations,
-    pooling and normalisation are not counted; they are small next to the matmuls. A Conv2d
-    costs ``out_elements * (in_channels / groups) * kernel_h * kernel_w`` MACs (padded
-    positions included), a Linear ``in_features * out_features`` MACs per output row.
-    Measured with forward hooks on a zero batch of shape ``(1, *input_shape)``, so layers a
-    sample does not reach are not counted and reused layers are counted each time.
+    It counts the matrix products and convolutions (2 FLOPs per multiply-accumulate, padded
+    positions included) at the operator level, so any module built from them is covered; the
+    elementwise work (biases, activations, norms, pooling) is not, being small next to them.
+    oneDNN is switched off for the count: its fused CPU kernels (the LSTM's, for one) have no
+    FLOP formula, while the plain kernels they replace are matmuls the counter sees.
     """
-    macs = 0
+    import warnings
 
-    def hook(module: nn.Module, _inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-        nonlocal macs
-        if isinstance(module, nn.Conv2d):
-            kernel = module.kernel_size[0] * module.kernel_size[1]
-            macs += output.numel() * (module.in_channels // module.groups) * kernel
-        else:  # nn.Linear; output rows = all leading dimensions of one sample
-            macs += output.numel() * module.in_features
+    from torch.utils.flop_counter import FlopCounterMode
 
-    handles = [
-        m.register_forward_hook(hook)
-        for m in model.modules()
-        if isinstance(m, nn.Linear | nn.Conv2d)
-    ]
     param = next(model.parameters(), None)
-    dummy = torch.zeros(
-        (1, *input_shape),
-        dtype=param.dtype if param is not None else torch.float32,
-        device=param.device if param is not None else "cpu",
-    )
+    dummy = torch.zeros((1, *input_shape), dtype=getattr(torch, input_dtype),
+                        device=param.device if param is not None else "cpu")
     was_training = model.training
     try:
         model.eval()  # no dropout / batch-norm statistic updates from the dummy batch
-        with torch.no_grad():
-            model(dummy)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # oneDNN's flag setter warns about Intel GPUs
+            with (torch.no_grad(), torch.backends.mkldnn.flags(enabled=False),
+                  FlopCounterMode(display=False) as counter):
+                model(dummy)
     finally:
         model.train(was_training)
-        for handle in handles:
-            handle.remove()
-    return 2 * macs
+    return int(counter.get_total_flops())
 
 
-def training_flops_per_sample(model: nn.Module, input_shape: tuple[int, ...]) -> int:
+def training_flops_per_sample(model: nn.Module, input_shape: tuple[int, ...],
+                              input_dtype: str = "float32") -> int:
     """Training FLOPs for one sample (forward + backward) = 3 x forward FLOPs.
 
     The backward pass costs about twice the forward pass (gradients with respect to both
@@ -153,4 +142,4 @@ def training_flops_per_sample(model: nn.Module, input_shape: tuple[int, ...]) ->
     per token" estimate (2N forward + 4N backward) of Kaplan et al. 2020, "Scaling Laws for
     Neural Language Models". Optimizer updates are not included.
     """
-    return 3 * forward_flops_per_sample(model, input_shape)
+    return 3 * forward_flops_per_sample(model, input_shape, input_dtype)

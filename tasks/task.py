@@ -49,6 +49,10 @@ class Task:
     #: its local data against them before it connects.
     input_shape: tuple[int, ...] | None = None
     num_classes: int | None = None
+    #: The numpy dtype of ``x`` (``"float32"``; a text task's token ids: ``"uint8"``,
+    #: ``"int64"``...). Start-up traces (FLOPs, training memory) and the deployed coordinator's
+    #: checks feed the model zeros of this dtype when no data is at hand.
+    input_dtype: str = "float32"
 
     def build_model(self, seed: int) -> nn.Module:
         """A freshly initialized model; equal seeds must give equal weights."""
