@@ -2,7 +2,10 @@
 
 Format (``numpy.savez``/``savez_compressed``; documented in docs/deploy.md):
 
-* ``x``: the examples, shape ``(n, *input_shape)``, any real dtype (read as float32), finite.
+* ``x``: the examples, shape ``(n, *input_shape)``: real numbers (read as float32, finite), or
+  integer ids (read as int64; e.g. a text task's token ids). A task casts them to its
+  ``input_dtype`` (:func:`as_input`): integers become floats for a float task, and an
+  integer task refuses floats and ids its dtype cannot hold.
   For the built-in tasks ``input_shape`` is ``(1, 8, 8)`` (digits, pixel values in [0, 1]) or
   ``(60,)`` (synthetic).
 * ``y``: integer class labels, shape ``(n,)``, values in ``[0, num_classes)``.
@@ -32,7 +35,8 @@ class DataFormatError(ValueError):
 
 @dataclass(frozen=True)
 class LocalData:
-    """Validated local data: ``x`` float32 ``(n, *input_shape)``, ``y`` int64 ``(n,)``."""
+    """Validated local data: ``x`` float32 or int64 ``(n, *input_shape)``, ``y`` int64
+    ``(n,)``."""
 
     x: np.ndarray
     y: np.ndarray
@@ -54,10 +58,30 @@ def _examples(path: Path, name: str, x: np.ndarray) -> np.ndarray:
         raise DataFormatError(f"{path}: '{name}' must have shape (n, *input_shape), got {x.shape}")
     if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
         raise DataFormatError(f"{path}: '{name}' must hold real numbers, got dtype {x.dtype}")
+    if np.issubdtype(x.dtype, np.integer):
+        return np.ascontiguousarray(x, dtype=np.int64)
     x = np.ascontiguousarray(x, dtype=np.float32)
     if not np.isfinite(x).all():
         raise DataFormatError(f"{path}: '{name}' contains NaN or Inf")
     return x
+
+
+def as_input(x: np.ndarray, input_dtype: str, path: str | Path, name: str = "x") -> np.ndarray:
+    """``x`` cast to a task's ``input_dtype``: any real ``x`` for a float task; for an integer
+    task, integers that its dtype holds exactly. Raises :class:`DataFormatError`."""
+    want = np.dtype(input_dtype)
+    if x.dtype == want:
+        return x
+    if np.issubdtype(want, np.floating):
+        return x.astype(want)
+    if not np.issubdtype(x.dtype, np.integer):
+        raise DataFormatError(f"{path}: '{name}' holds {x.dtype} values; the task takes "
+                              f"integer ids ({want})")
+    info = np.iinfo(want)
+    if x.size and (int(x.min()) < info.min or int(x.max()) > info.max):
+        raise DataFormatError(f"{path}: '{name}' has ids in [{int(x.min())}, {int(x.max())}]; "
+                              f"the task's {want} holds [{info.min}, {info.max}]")
+    return x.astype(want)
 
 
 def _labels(path: Path, name: str, y: np.ndarray, n: int) -> np.ndarray:
@@ -130,8 +154,14 @@ def save_npz(path: str | Path, x: np.ndarray, y: np.ndarray, x_test: np.ndarray 
     """Write a shard in this format (compressed); returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    arrays = {"x": np.asarray(x, np.float32), "y": np.asarray(y, np.int64)}
+    arrays = {"x": _stored(x), "y": np.asarray(y, np.int64)}
     if x_test is not None and y_test is not None:
-        arrays.update(x_test=np.asarray(x_test, np.float32), y_test=np.asarray(y_test, np.int64))
+        arrays.update(x_test=_stored(x_test), y_test=np.asarray(y_test, np.int64))
     np.savez_compressed(path, **arrays)
     return path
+
+
+def _stored(x: np.ndarray) -> np.ndarray:
+    """Integer ids as they are (the smallest dtype compresses best), real values as float32."""
+    x = np.asarray(x)
+    return x if np.issubdtype(x.dtype, np.integer) else x.astype(np.float32)

@@ -44,16 +44,22 @@ def encode(text: str) -> np.ndarray:
 
 def role_splits(ids: np.ndarray, seq_len: int, max_samples: int | None,
                 rng: np.random.Generator) -> tuple[Split, Split]:
-    """(train, test) windows of one role's symbol ids (see the module docstring);
-    ``max_samples`` caps the training windows (a seeded random subset, in text order)."""
+    """(train, test) windows of one role's symbol ids (see the module docstring).
+
+    ``max_samples`` caps the training windows, and the test windows at a quarter of it (the
+    80/20 ratio), each a seeded random subset kept in text order."""
     n = len(ids) - seq_len
     windows = np.lib.stride_tricks.sliding_window_view(ids, seq_len + 1)[:n]
     n_train = int(TRAIN_FRACTION * n)
-    train_idx = np.arange(n_train)
-    if max_samples is not None and n_train > max_samples:
-        train_idx = np.sort(rng.choice(n_train, max_samples, replace=False))
-    test_idx = np.arange(n_train + seq_len, n)
+    train_idx, test_idx = np.arange(n_train), np.arange(n_train + seq_len, n)
+    if max_samples is not None:
+        train_idx = _subset(train_idx, max_samples, rng)
+        test_idx = _subset(test_idx, max(1, max_samples // 4), rng)
     return _split(windows[train_idx]), _split(windows[test_idx])
+
+
+def _subset(idx: np.ndarray, cap: int, rng: np.random.Generator) -> np.ndarray:
+    return idx if len(idx) <= cap else np.sort(rng.choice(idx, cap, replace=False))
 
 
 def _split(windows: np.ndarray) -> Split:
@@ -80,7 +86,8 @@ class PartitionStats:
 class ShakespeareTask(Task):
     """LEAF Shakespeare; ``[task.params]``: ``model`` ("small" | "leaf"), ``seq_len`` (80),
     ``min_samples`` (windows a role needs to be a client, 64), ``max_samples`` (cap on a
-    client's training windows, none), ``archive`` (a local copy of the sdist)."""
+    client's training windows, and a quarter of it on its test windows; none), ``archive`` (a
+    local copy of the sdist)."""
 
     num_classes = len(VOCAB)
     input_dtype = "uint8"
@@ -90,7 +97,7 @@ class ShakespeareTask(Task):
         if model not in MODELS:
             raise ValueError(f"model {model!r} is not one of {', '.join(MODELS)}")
         for key, value in (("seq_len", seq_len), ("min_samples", min_samples),
-                           ("max_samples", max_samples or 1)):
+                           ("max_samples", 1 if max_samples is None else max_samples)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{key} must be an integer >= 1, got {value!r}")
         self.model, self.seq_len, self.min_samples = model, seq_len, min_samples

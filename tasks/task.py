@@ -75,20 +75,20 @@ class Task:
 
     def load_local(self, path: str | Path) -> Split:
         """A device's own training data (default: the ``.npz`` format of ``data_format``)."""
-        from fleetfl.tasks.data_format import load_npz
+        from fleetfl.tasks.data_format import as_input, load_npz
 
         data = load_npz(path)
-        return Split(x=data.x, y=data.y)
+        return Split(x=as_input(data.x, self.input_dtype, path), y=data.y)
 
     def load_local_test(self, path: str | Path) -> Split | None:
         """A device's own test split for federated evaluation (default: the ``.npz`` file's
         optional ``x_test``/``y_test``; ``None`` if it has none)."""
-        from fleetfl.tasks.data_format import load_npz
+        from fleetfl.tasks.data_format import as_input, load_npz
 
         data = load_npz(path)
         if data.x_test is None or data.y_test is None:
             return None
-        return Split(x=data.x_test, y=data.y_test)
+        return Split(x=as_input(data.x_test, self.input_dtype, path, "x_test"), y=data.y_test)
 
     def central_test(self) -> Split | None:
         """An evaluation set the deployed coordinator may hold; ``None``: it holds no data."""

@@ -34,8 +34,9 @@ def _split(n: int, offset: float = 0.0) -> Split:
 
 
 def test_split_validates_dtypes_and_lengths() -> None:
-    with pytest.raises(ValueError, match="float32"):
-        Split(np.zeros((2, 3)), np.zeros(2, dtype=np.int64))
+    with pytest.raises(ValueError, match="real numbers"):
+        Split(np.zeros((2, 3), dtype=np.complex64), np.zeros(2, dtype=np.int64))
+    assert Split(np.zeros((2, 3), dtype=np.uint8), np.zeros(2, dtype=np.int64)).x.dtype == np.uint8
     with pytest.raises(ValueError, match="int64"):
         Split(np.zeros((2, 3), dtype=np.float32), np.zeros(2, dtype=np.int32))
     with pytest.raises(ValueError, match="shape"):
