@@ -2,8 +2,9 @@
 
 ``load_runtime(path)`` picks the runtime by file extension. TFLite files run on ai-edge-litert
 (``ai_edge_litert.interpreter``, the successor of tflite-runtime, with numpy 2 support); a
-device that only has the old ``tflite_runtime`` package falls back to it. ``predict`` always
-takes float32 inputs and returns float32 logits: for full-int8 TFLite files it quantizes the
+device that only has the old ``tflite_runtime`` package falls back to it. ``predict`` takes
+inputs of the file's dtype (float32, or an ONNX file's token ids: its ``input_dtype``) and
+returns float32 logits: for full-int8 TFLite files it quantizes the
 input and dequantizes the output with the tensors' (scale, zero point), and it feeds files with
 a fixed batch size (TFLite exports use 1) chunk by chunk.
 """
@@ -34,6 +35,8 @@ class Runtime(ABC):
     backend: str
     #: shape of one example, e.g. ``(1, 8, 8)``
     input_shape: tuple[int, ...]
+    #: numpy dtype name of the inputs: ``float32``, or token ids (``uint8``, ``int64``)
+    input_dtype: str = "float32"
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -45,7 +48,8 @@ class Runtime(ABC):
 
     @abstractmethod
     def predict(self, x: np.ndarray) -> np.ndarray:
-        """Logits, float32 ``(n, num_classes)``, for float32 inputs ``(n, *input_shape)``."""
+        """Logits, float32 ``(n, num_classes)``, for inputs ``(n, *input_shape)`` (cast to
+        ``input_dtype``)."""
 
 
 class OnnxRuntime(Runtime):
@@ -68,10 +72,13 @@ class OnnxRuntime(Runtime):
         (inp,) = self._session.get_inputs()
         self._input_name = inp.name
         self.input_shape = tuple(int(d) for d in inp.shape[1:])
+        # "tensor(float)", "tensor(uint8)", "tensor(int64)": the dtype the file was exported for
+        kind = inp.type.removeprefix("tensor(").removesuffix(")")
+        self.input_dtype = "float32" if kind == "float" else kind
         self._batch = inp.shape[0] if isinstance(inp.shape[0], int) else None
 
     def predict(self, x: np.ndarray) -> np.ndarray:
-        x = _check_input(x, self.input_shape)
+        x = _check_input(x, self.input_shape, self.input_dtype)
         if self._batch is None:  # dynamic batch: one call
             return self._session.run(None, {self._input_name: x})[0].astype(np.float32)
         out = [self._session.run(None, {self._input_name: c})[0] for c in _chunks(x, self._batch)]
@@ -152,9 +159,10 @@ def _chunks(x: np.ndarray, batch: int) -> list[np.ndarray]:
     return [x[i : i + batch] for i in range(0, len(x), batch)]
 
 
-def _check_input(x: np.ndarray, input_shape: tuple[int, ...]) -> np.ndarray:
-    """Float32, C-contiguous ``(n, *input_shape)``, or a ValueError naming the shapes."""
-    x = np.ascontiguousarray(x, dtype=np.float32)
+def _check_input(x: np.ndarray, input_shape: tuple[int, ...],
+                 dtype: str = "float32") -> np.ndarray:
+    """``dtype``, C-contiguous ``(n, *input_shape)``, or a ValueError naming the shapes."""
+    x = np.ascontiguousarray(x, dtype=dtype)
     if x.ndim != len(input_shape) + 1 or tuple(x.shape[1:]) != input_shape:
         raise ValueError(f"expected inputs of shape (n, {', '.join(map(str, input_shape))}), "
                          f"got {x.shape}")

@@ -56,6 +56,7 @@ def export_onnx(
     int8: bool = False,
     calibration: np.ndarray | None = None,
     metadata: dict[str, str] | None = None,
+    input_dtype: str = "float32",
 ) -> Path:
     """Export ``model`` to an ONNX file, fp32 or full int8 (QDQ, per-channel).
 
@@ -64,8 +65,10 @@ def export_onnx(
         path: output ``.onnx`` file.
         input_shape: shape of one example, e.g. ``(1, 8, 8)``; the batch dimension is dynamic.
         int8: quantize weights and activations to int8 (requires ``calibration``).
-        calibration: float32 inputs ``(n, *input_shape)`` for the activation ranges.
+        calibration: inputs ``(n, *input_shape)`` for the activation ranges.
         metadata: string key/values stored in the model (e.g. the task config as JSON).
+        input_dtype: numpy dtype name of the file's input (``float32``, or token ids such as
+            ``uint8``; quantization then covers the layers after them).
 
     Returns:
         The path written.
@@ -76,12 +79,12 @@ def export_onnx(
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         fp32 = Path(tmp) / "fp32.onnx"
-        _torch_export(model.eval(), fp32, input_shape)
+        _torch_export(model.eval(), fp32, input_shape, input_dtype)
         src = fp32
         if int8:
             assert calibration is not None
             src = Path(tmp) / "int8.onnx"
-            quantize_int8(fp32, src, calibration)
+            quantize_int8(fp32, src, calibration.astype(input_dtype, copy=False))
         proto = onnx.load(src)
     compact(proto)
     for key, value in (metadata or {}).items():
@@ -91,10 +94,11 @@ def export_onnx(
     return dest
 
 
-def _torch_export(model: nn.Module, path: Path, input_shape: tuple[int, ...]) -> None:
+def _torch_export(model: nn.Module, path: Path, input_shape: tuple[int, ...],
+                  input_dtype: str = "float32") -> None:
     """fp32 export with a dynamic batch dimension, as one self-contained file."""
     # Batch 2, not 1: torch.export specializes dimensions of size 1.
-    example = torch.zeros((2, *input_shape), dtype=torch.float32)
+    example = torch.zeros((2, *input_shape), dtype=getattr(torch, input_dtype))
     batch = torch.export.Dim("batch")
     with _quiet():
         torch.onnx.export(
@@ -121,8 +125,7 @@ def quantize_int8(src: Path, dest: Path, calibration: np.ndarray, *,
     class _Reader(CalibrationDataReader):
         def __init__(self, x: np.ndarray) -> None:
             batches = (x[i : i + CALIBRATION_BATCH] for i in range(0, len(x), CALIBRATION_BATCH))
-            self._batches = iter([{INPUT_NAME: np.ascontiguousarray(b, np.float32)}
-                                  for b in batches])
+            self._batches = iter([{INPUT_NAME: np.ascontiguousarray(b)} for b in batches])
 
         def get_next(self) -> dict[str, np.ndarray] | None:
             return next(self._batches, None)

@@ -57,6 +57,7 @@ def export_tflite(
     int8: bool = False,
     calibration: np.ndarray | None = None,
     metadata: dict[str, str] | None = None,
+    input_dtype: str = "float32",
 ) -> Path:
     """Export ``model`` to a ``.tflite`` file, fp32 or full int8.
 
@@ -68,10 +69,16 @@ def export_tflite(
         calibration: float32 inputs ``(n, *input_shape)``; the first
             ``CALIBRATION_SAMPLES`` are used.
         metadata: string key/values stored as TFLite metadata entries.
+        input_dtype: must be ``float32``: the int8 recipe quantizes the input tensor, so token
+            ids are not supported (export such a model to ONNX).
 
     Raises:
         MissingExtraError: the ``tflite`` extra is not installed.
+        ValueError: an input that is not float32.
     """
+    if input_dtype != "float32":
+        raise ValueError(f"TFLite export takes float32 inputs; this model takes {input_dtype} "
+                         f"(token ids): export it with --format onnx")
     if int8 and (calibration is None or len(calibration) == 0):
         raise ValueError("int8 export needs calibration data (a few hundred training inputs)")
     litert_torch, quantizer, recipe = require_converters()

@@ -67,6 +67,11 @@ class Checkpoint:
         """Shape of one example, e.g. ``(1, 8, 8)``."""
         return tuple(int(d) for d in self.task["input_shape"])
 
+    @property
+    def input_dtype(self) -> str:
+        """numpy dtype name of the model's input (``float32``; token ids: ``uint8``...)."""
+        return str(self.task.get("input_dtype", "float32"))
+
     def build_model(self) -> nn.Module:
         """The global model in eval mode: the task's ``build_model`` + weights, masks applied."""
         try:

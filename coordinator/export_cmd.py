@@ -130,7 +130,7 @@ def export(args: argparse.Namespace) -> dict[str, Any]:
     else:
         from fleetfl.compression.export_tflite import export_tflite as write
     write(model, out, input_shape=ckpt.input_shape, int8=args.int8, calibration=calibration,
-          metadata=metadata)
+          metadata=metadata, input_dtype=ckpt.input_dtype)
     return {"out": str(out), "size_bytes": out.stat().st_size, **info}
 
 
@@ -139,7 +139,8 @@ def _prune(ckpt: Checkpoint, model: torch.nn.Module, ratio: float, epochs: int,
     """Structured pruning, then ``epochs`` of fine-tuning on the clients' training union."""
     from fleetfl.compression.structured import finetune, structured_prune
 
-    pruned = structured_prune(model, torch.zeros((1, *ckpt.input_shape)), ratio)
+    example = torch.zeros((1, *ckpt.input_shape), dtype=getattr(torch, ckpt.input_dtype))
+    pruned = structured_prune(model, example, ratio)
     if epochs > 0:
         train = ckpt.load_dataset().train_union()
         finetune(pruned, torch.from_numpy(train.x), torch.from_numpy(train.y), epochs=epochs,

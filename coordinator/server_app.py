@@ -126,6 +126,7 @@ def run_rounds(grid: Grid, config: Config, outcome: RunOutcome,
     clock = VirtualClock()
     started = time.perf_counter()
     task_record = {**asdict(task_cfg), "input_shape": list(input_shape),
+                   "input_dtype": sets.input_dtype,
                    "num_classes": num_classes, "num_clients": fed.num_clients}
     done = _resume(store, config, model, transport, clock, outcome)
     strategy.round_offset = done

@@ -102,3 +102,21 @@ def test_a_devices_ids_are_read_as_ids_and_floats_are_refused(tmp_path) -> None:
         task.load_local(tmp_path / "floats.npz")
     # A float task still reads integer features (pixel counts, say) as float32.
     assert fleetfl.Task().load_local(path).x.dtype == np.float32
+
+
+def test_a_token_model_exports_to_onnx_with_id_inputs(tmp_path) -> None:
+    from fleetfl.client.runtime import load_runtime
+    from fleetfl.compression.export_onnx import export_onnx
+
+    task = TokenTask()
+    model, data = task.build_model(0), task.federated_data(2, seed=0)
+    x = data.test.x
+    for int8 in (False, True):
+        path = export_onnx(model, tmp_path / f"m{int8}.onnx", input_shape=(SEQ,), int8=int8,
+                           calibration=x[:64], input_dtype="uint8")
+        runtime = load_runtime(path)
+        assert runtime.input_dtype == "uint8"
+        with torch.no_grad():
+            expected = model(torch.from_numpy(x)).numpy()
+        got = runtime.predict(x)
+        assert (got.argmax(1) == expected.argmax(1)).mean() > (0.95 if int8 else 0.999)
