@@ -25,6 +25,7 @@ from pathlib import Path
 
 from fleetfl.client.local import AUTO, resolve_device, write_profile
 from fleetfl.tasks.data_format import load_npz
+from fleetfl.tasks.registry import pythonpath_with_cwd
 
 STOP_GRACE_S = 15.0
 RETRY_FIRST_S = 5.0  # pause after the first failed SuperNode start; doubles each time
@@ -111,6 +112,7 @@ def supernode_env(settings: ClientSettings) -> dict[str, str]:
     # A message waits for its ClientApp process at most this long (Flower's default: 1 s).
     env["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] = "0.2"
     env["PYTHONUNBUFFERED"] = "1"
+    env["PYTHONPATH"] = pythonpath_with_cwd(env)  # the user's task module, if any
     return env
 
 

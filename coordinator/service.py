@@ -44,6 +44,7 @@ from fleetfl.coordinator.control import (
     read_public_keys,
 )
 from fleetfl.coordinator.state import STATE_ENV
+from fleetfl.tasks.registry import pythonpath_with_cwd
 
 STARTUP_TIMEOUT_S = 180.0  # the SuperLink imports for ~10 s here, far longer on a Pi
 STOP_GRACE_S = 15.0  # Flower's processes deregister and flush logs on SIGTERM
@@ -139,6 +140,7 @@ def child_env(settings: ServiceSettings) -> dict[str, str]:
     env["FLWR_DISABLE_UPDATE_CHECK"] = "1"  # and no PyPI lookups at every start
     env["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] = "0.2"  # start the ServerApp within 0.2 s
     env["PYTHONUNBUFFERED"] = "1"
+    env["PYTHONPATH"] = pythonpath_with_cwd(env)  # the user's task module, if any
     return env
 
 

@@ -100,6 +100,16 @@ def resolve_task(name: str, params: Mapping[str, Any] | None = None) -> Task:
     return task
 
 
+def pythonpath_with_cwd(env: Mapping[str, str]) -> str:
+    """``PYTHONPATH`` for a child process that resolves tasks: the working directory first.
+
+    Flower runs the ServerApp and each ClientApp in processes of its own, whose working
+    directory is not the user's; with this, ``module:attribute`` imports from where the user
+    ran ``fleetfl coordinator start`` or ``fleetfl client start``, as it does in simulation.
+    """
+    return os.pathsep.join([os.getcwd(), *filter(None, [env.get("PYTHONPATH")])])
+
+
 def _import_attribute(name: str) -> Any:
     """``package.module:attribute``, importing from the working directory first."""
     module_name, _, attr = name.partition(":")
