@@ -148,3 +148,9 @@ def _federated(task: ShakespeareTask, num_clients: int, seed: int) -> FederatedD
     return FederatedDataset(name="shakespeare", clients=clients,
                             test=concat_splits([test for _, test in clients]),
                             input_shape=(task.seq_len,), num_classes=len(VOCAB))
+
+
+if __name__ == "__main__":  # python -m fleetfl.tasks.shakespeare: the partition statistics
+    import json
+
+    print(json.dumps(ShakespeareTask().partition_stats().to_dict(), indent=2))
