@@ -188,3 +188,27 @@ def test_data_split_writes_simulation_shards(tmp_path: Path) -> None:
         assert shard.x.shape == fed.clients[i][0].x.shape
         assert (shard.y == fed.clients[i][0].y).all()
     assert (tmp_path / "manifest.json").is_file()
+
+
+def test_flowers_app_processes_import_user_tasks_from_where_fleetfl_started(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Flower starts the ServerApp and each ClientApp in processes of its own: both get the
+    user's working directory first on PYTHONPATH, where a ``module:attribute`` task lives."""
+    import os
+    import subprocess
+    import sys
+
+    from fleetfl.client.daemon import ClientSettings, supernode_env
+    from fleetfl.coordinator.service import child_env
+
+    (tmp_path / "my_task.py").write_text("import fleetfl\nclass T(fleetfl.Task): pass\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PYTHONPATH", "/elsewhere")
+    client = ClientSettings("127.0.0.1:1", tmp_path / "d.npz", "rpi4", None, None, tmp_path)
+    server = ServiceSettings("127.0.0.1", 1, tmp_path / "state", None)
+    for env in (supernode_env(client), child_env(server)):
+        assert env["PYTHONPATH"].split(os.pathsep) == [str(tmp_path), "/elsewhere"]
+        probe = "from fleetfl.tasks.registry import resolve_task; print(resolve_task('my_task:T'))"
+        done = subprocess.run([sys.executable, "-c", probe], cwd="/", env=env,
+                              capture_output=True, text=True, check=False)
+        assert done.returncode == 0, done.stderr
