@@ -16,6 +16,7 @@ from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, Record
 from flwr.clientapp import ClientApp
 
 from fleetfl import protocol as P
+from fleetfl.aggregation.robust import clip_weights
 from fleetfl.client import memory, secure
 from fleetfl.client.local import LocalTask, load_local_task, task_settings
 from fleetfl.client.solver import fedprox_train
@@ -110,7 +111,8 @@ def train(msg: Message, context: Context, task: Task | None = None) -> Message:
     )
     if qat is not None:
         qat.remove()
-    weights = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    weights = clip_weights({k: v.detach().numpy() for k, v in model.state_dict().items()},
+                           received.weights, float(cfg.get("aggregation.clip_norm", 0.0)))
     metrics: dict[str, int | float | list[int]] = {
         P.NUM_EXAMPLES: len(local.y_train),
         P.SAMPLES_PROCESSED: result.samples,

@@ -13,14 +13,11 @@ from collections.abc import Mapping
 import numpy as np
 from flwr.app import ConfigRecord, Context
 
-from fleetfl.compression.quantize import TailCounts
+from fleetfl.compression.quantize import TAIL_COUNT_MAX, TailCounts
 from fleetfl.privacy import SecAggClient, Setup
 
 STATE_KEY = "fleetfl.secagg"  # context.state ConfigRecord: {"state": SecAggClient.to_state()}
-# Tail counts ride in the masked vector as int8-range values: every client clamps its counts to
-# this (with or without secure aggregation, so both give the same clip ranges), which keeps the
-# sum inside the same ring; the clip rule only needs to know that the tail is big.
-TAIL_COUNT_MAX = 127
+__all__ = ["STATE_KEY", "TAIL_COUNT_MAX", "answer", "masked_update", "secure_vector"]
 
 
 def answer(request: ConfigRecord, context: Context) -> ConfigRecord:

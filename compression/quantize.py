@@ -101,6 +101,12 @@ def dequantize_sum(q_sum: np.ndarray, clip: float) -> np.ndarray:
     return q_sum.astype(np.float64) * int8_scale(clip)
 
 
+# Every client clamps its tail counts to this (with or without secure aggregation, so both give
+# the same clip ranges): under secure aggregation they ride in the masked vector as int8-range
+# values. The coordinator clamps what it receives too, so one client cannot widen the range.
+TAIL_COUNT_MAX = 127
+
+
 @dataclass(frozen=True)
 class TailCounts:
     """How many quantized values exceeded each of a ladder of thresholds (for the clip rule).

@@ -109,6 +109,8 @@ class FederationConfig:
     round_timeout_s: float = _f(600.0, "wall seconds to wait for a round's replies")
     evaluate_every: int = _f(0, "federated evaluation every N rounds: the round's cohort "
                                 "evaluates the global model on its local test splits (0: never)")
+    max_examples_per_client: int = _f(1_000_000, "a client's claimed example count is capped "
+                                                 "here (it weights the client's update)")
 
     def check(self) -> None:
         _positive("federation.num_clients", self.num_clients)
@@ -125,6 +127,7 @@ class FederationConfig:
         _positive("federation.client_cpus", self.client_cpus)
         _positive("federation.round_timeout_s", self.round_timeout_s)
         _at_least("federation.evaluate_every", self.evaluate_every, 0)
+        _positive("federation.max_examples_per_client", self.max_examples_per_client)
 
 
 @dataclass(frozen=True)
@@ -241,6 +244,35 @@ class SecAggConfig:
                 raise ConfigError(f"secagg.{key}", f"must be in [0, 1), got {value}")
 
 
+ROBUST_RULES = ("mean", "trimmed_mean", "median")
+
+
+@dataclass(frozen=True)
+class AggregationConfig:
+    """How the coordinator combines the updates it can read (aggregation/robust.py)."""
+
+    clip_norm: float = _f(0.0, "clients clip their update to this L2 norm before sending it, "
+                               "and the coordinator scales down any readable update above it "
+                               "(0: off)")
+    norm_bound_ratio: float = _f(10.0, "the coordinator scales a readable update down to this "
+                                       "multiple of the round's median update norm (0: off)")
+    robust: str = _f("mean", "'mean' (weighted by examples), 'trimmed_mean' or 'median' "
+                             "(coordinate-wise, unweighted; not with secure aggregation)")
+    trim_fraction: float = _f(0.1, "trimmed_mean: fraction of largest and of smallest values "
+                                   "dropped per coordinate")
+
+    def check(self) -> None:
+        if not (math.isfinite(self.clip_norm) and self.clip_norm >= 0):
+            raise ConfigError("aggregation.clip_norm", f"must be >= 0, got {self.clip_norm}")
+        if not (self.norm_bound_ratio == 0 or 1 <= self.norm_bound_ratio < math.inf):
+            raise ConfigError("aggregation.norm_bound_ratio",
+                              f"must be 0 (off) or >= 1, got {self.norm_bound_ratio}")
+        _choice("aggregation.robust", self.robust, ROBUST_RULES)
+        if not 0 <= self.trim_fraction < 0.5:
+            raise ConfigError("aggregation.trim_fraction",
+                              f"must be in [0, 0.5), got {self.trim_fraction}")
+
+
 @dataclass(frozen=True)
 class OutputConfig:
     """Where results go and how progress is shown."""
@@ -264,6 +296,7 @@ class Config:
     fleet: FleetConfig = field(default_factory=FleetConfig)
     compression: CompressionConfig = field(default_factory=CompressionConfig)
     secagg: SecAggConfig = field(default_factory=SecAggConfig)
+    aggregation: AggregationConfig = field(default_factory=AggregationConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
@@ -357,6 +390,10 @@ def _check_secagg(config: Config) -> None:
     sec = config.secagg
     if not sec.enabled:
         return
+    if config.aggregation.robust != "mean":
+        raise ConfigError("aggregation.robust", "secure aggregation gives the coordinator only "
+                                                "the sum; a coordinate-wise rule needs each "
+                                                "update: use 'mean' or disable secagg")
     if config.compression.update_bits != 8:
         raise ConfigError("secagg.enabled", "secure aggregation sums int8 updates; set "
                                             "compression.update_bits = 8")

@@ -1,14 +1,17 @@
 """The coordinator's view of the fleet: which node is which device, with how much data.
 
 Clients describe themselves (device profile, example count) in reply to a ``register`` query, so
-the coordinator plans work the same way for simulated and real devices.
+the coordinator plans work the same way for simulated and real devices. A client may lie: its
+profile must be physically possible (``DeviceProfile``'s limits), its example count is capped
+at ``federation.max_examples_per_client`` (it weights the client's update), and a registration
+that cannot be read refuses that node, logged, and nothing else.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
@@ -32,9 +35,11 @@ class ClientInfo:
 class FleetRegistry:
     """Registers nodes as they appear; a node that fails to register is retried next time."""
 
-    def __init__(self, register_config: ConfigRecord, timeout_s: float) -> None:
+    def __init__(self, register_config: ConfigRecord, timeout_s: float,
+                 max_examples: int = 1_000_000) -> None:
         self._config = register_config
         self._timeout_s = timeout_s
+        self._max_examples = max_examples
         self._clients: dict[int, ClientInfo] = {}
 
     @property
@@ -62,15 +67,30 @@ class FleetRegistry:
                 log.warning("node %d failed to register: %s", node, reply.error.reason)
                 continue
             try:
-                self._clients[node] = parse_registration(node, reply.content[P.CONFIG])
-            except (KeyError, TypeError, ValueError) as err:
-                log.warning("node %d sent an invalid registration: %s", node, err)
+                info = parse_registration(node, reply.content[P.CONFIG])
+            except Exception as err:  # noqa: BLE001 - whatever a node sends refuses only it
+                log.warning("node %d refused: invalid registration: %s", node, err)
+                continue
+            if info.num_examples > self._max_examples:
+                log.warning("node %d claims %d examples; counted as %d "
+                            "(federation.max_examples_per_client)", node, info.num_examples,
+                            self._max_examples)
+                info = replace(info, num_examples=self._max_examples)
+            self._clients[node] = info
+
+
+MAX_CLIENT_INDEX = 2**31 - 1
 
 
 def parse_registration(node_id: int, cfg: ConfigRecord) -> ClientInfo:
     """Validate a ``register`` reply into a :class:`ClientInfo` (raises ``ValueError``)."""
-    num_examples = int(cfg[P.NUM_EXAMPLES])
+    num_examples, index = cfg[P.NUM_EXAMPLES], cfg[P.CLIENT_INDEX]
+    for key, value in ((P.NUM_EXAMPLES, num_examples), (P.CLIENT_INDEX, index)):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ValueError(f"{key} must be an integer, got {value!r}")
     if num_examples <= 0:
         raise ValueError(f"{P.NUM_EXAMPLES} must be positive, got {num_examples}")
+    if not 0 <= index <= MAX_CLIENT_INDEX:
+        raise ValueError(f"{P.CLIENT_INDEX} must be in [0, {MAX_CLIENT_INDEX}], got {index}")
     device = DeviceProfile.from_dict(json.loads(str(cfg[P.DEVICE])))
-    return ClientInfo(node_id, int(cfg[P.CLIENT_INDEX]), device, num_examples)
+    return ClientInfo(node_id, index, device, num_examples)

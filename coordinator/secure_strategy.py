@@ -111,7 +111,7 @@ class SecureFleetFedProx(FleetFedProx):
         stats.aggregated = len(survivors)
         values, tail = result.sum[:-TAIL_LEVELS], result.sum[-TAIL_LEVELS:]
         self.transport.record_tail(TailCounts(self.transport.kept_count * len(survivors),
-                                              tuple(int(t) for t in tail)))
+                                              tuple(int(t) for t in tail)), len(survivors))
         return self._mean_from_sum(self.transport.scatter(values), survivors)
 
     def _exchange(self, requests: Mapping[int, Any]) -> dict[int, ConfigRecord]:

@@ -27,6 +27,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from fleetfl import protocol as P
+from fleetfl.aggregation.combine import RobustRule
 from fleetfl.coordinator.central_eval import evaluation_sets
 from fleetfl.coordinator.checkpoint import save_checkpoint
 from fleetfl.coordinator.config import Config, from_run_config, to_run_config
@@ -61,7 +62,7 @@ def message_config(config: Config) -> ConfigRecord:
     keep = ("task.", "fleet.mix", "fleet.seed", "fleet.memory_budget_fraction",
             "fleet.runtime_memory_mib", "federation.num_clients",
             "compression.update_bits", "compression.error_feedback", "compression.qat",
-            "compression.entropy_coding")
+            "compression.entropy_coding", "aggregation.clip_norm")
     cfg = {k: v for k, v in flat.items() if k.startswith(keep)}
     cfg[P.LR] = config.federation.lr
     return ConfigRecord(cfg)
@@ -85,7 +86,8 @@ def run_rounds(grid: Grid, config: Config, outcome: RunOutcome,
     sets = evaluation_sets(config, task, model, deployed)
     input_shape, num_classes = sets.input_shape, sets.num_classes
     shared = message_config(config)
-    registry = FleetRegistry(shared, timeout_s=fed.round_timeout_s)
+    registry = FleetRegistry(shared, timeout_s=fed.round_timeout_s,
+                             max_examples=fed.max_examples_per_client)
     memory_stats = model_memory_stats(model, input_shape, sets.input_dtype,
                                       qat=config.compression.qat)
     settings = PlanSettings(
@@ -110,6 +112,7 @@ def run_rounds(grid: Grid, config: Config, outcome: RunOutcome,
             initial_clip=comp.initial_clip,
             clip_target=comp.clip_target,
             entropy_coding=comp.entropy_coding,
+            tail_trim=config.aggregation.trim_fraction,
         ),
         {k: tuple(v.shape) for k, v in model.state_dict().items()},
         prunable_names=task.prunable(model),
@@ -122,6 +125,8 @@ def run_rounds(grid: Grid, config: Config, outcome: RunOutcome,
         proximal_mu=config.strategy.mu,
         flops_per_sample=training_flops_per_sample(model, input_shape, sets.input_dtype),
         drop_stragglers=config.fleet.drop_stragglers,
+        robust=RobustRule(config.aggregation.clip_norm, config.aggregation.norm_bound_ratio,
+                          config.aggregation.robust, config.aggregation.trim_fraction),
     )
     clock = VirtualClock()
     started = time.perf_counter()

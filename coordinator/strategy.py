@@ -35,7 +35,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedProx
 
 from fleetfl import protocol as P
-from fleetfl.aggregation.average import weighted_average
+from fleetfl.aggregation.combine import RobustRule, combine_float, combine_int8
 from fleetfl.aggregation.int8_mean import int8_weighted_mean, update_weights
 from fleetfl.coordinator.planning import PlanSettings, draw_cohort, plan_cohort, probe_plan
 from fleetfl.coordinator.registry import ClientInfo, FleetRegistry
@@ -80,6 +80,7 @@ class RoundStats:
     secagg_downlink_bytes: int = 0  # ... coordinator -> clients (incl. stage 3's requests)
     secagg_server_s: float = 0.0  # coordinator compute seconds in the protocol
     secagg_aborted: int = 0  # 1: too few clients to unmask; no model update this round
+    norm_bounded: int = 0  # readable updates scaled down to the round's norm bound
 
 
 @dataclass(frozen=True)
@@ -103,6 +104,7 @@ class FleetFedProx(FedProx):
         proximal_mu: float,
         flops_per_sample: float,
         drop_stragglers: bool = False,
+        robust: RobustRule | None = None,
     ) -> None:
         super().__init__(
             fraction_evaluate=0.0,  # the simulation evaluates centrally (evaluate_fn)
@@ -115,6 +117,7 @@ class FleetFedProx(FedProx):
         self.settings = settings
         self.flops_per_sample = flops_per_sample
         self.drop_stragglers = drop_stragglers
+        self.robust = robust or RobustRule()
         self.history: list[RoundStats] = []
         self._cohort: dict[int, ClientInfo] = {}
         self._plans: dict[int, WorkPlan] = {}
@@ -266,18 +269,24 @@ class FleetFedProx(FedProx):
         return P.arrays_to_record(self._keys, new), metrics
 
     def _combine(self, kept: list[_Reply], stats: RoundStats) -> list[np.ndarray] | None:
-        """The kept replies' average Δ, tensors in ``self._keys`` order (``None``: no update).
+        """The kept replies' Δ, tensors in ``self._keys`` order (``None``: no update).
 
-        float32: Σ n_k Δ_k / Σ n_k. int8: the clients sent q_k ≈ ω_k Δ_k / scale, so the
-        average is scale · Σ q_k / Σ ω_k, an exact integer sum first (as secure aggregation
-        computes it; the same seeds give the same model with and without it). The math and
-        its error bound: :mod:`fleetfl.aggregation.int8_mean`.
+        float32: Σ n_k Δ_k / Σ n_k; int8: s Σ q_k / Σ ω_k from the exact integer sum (as
+        secure aggregation computes it). Before that, ``self.robust`` bounds each update's
+        norm, and may replace the mean: :mod:`fleetfl.aggregation.combine`.
         """
+        updates = [[r.update[k] for k in self._keys] for r in kept]
         if self.transport.settings.update_bits == 32:
-            weights = [r.num_examples for r in kept]
-            return weighted_average([[r.update[k] for k in self._keys] for r in kept], weights)
-        q_sum = {k: sum(r.update[k].astype(np.int64) for r in kept) for k in self._keys}
-        return self._mean_from_sum(q_sum, [r.node for r in kept])
+            result = combine_float(updates, [r.num_examples for r in kept], self.robust)
+        else:
+            result = combine_int8(updates, [self._omega[r.node] for r in kept],
+                                  self.transport.clip, self.robust)
+        stats.norm_bounded = result.norm_bounded
+        if result.norm_bounded:
+            log.warning("round %d: %d update(s) scaled down to the norm bound "
+                        "(aggregation.clip_norm, aggregation.norm_bound_ratio)",
+                        stats.server_round, result.norm_bounded)
+        return result.delta
 
     def _mean_from_sum(self, q_sum: dict[str, np.ndarray], nodes: list[int]) -> list[np.ndarray]:
         """scale · Σ q_k / Σ ω_k per tensor, from the int64 sum of the int8 updates of ``nodes``."""

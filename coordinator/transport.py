@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fleetfl.aggregation.robust import trimmed_tail_sum
 from fleetfl.compression.codec import decode_update, encode_model, expect_update, update_size
 from fleetfl.compression.masks import (
     apply_masks_,
@@ -29,6 +30,7 @@ from fleetfl.compression.masks import (
     sparsity_of,
 )
 from fleetfl.compression.quantize import (
+    TAIL_COUNT_MAX,
     TailCounts,
     clip_from_stats,
     dequantize_int8,
@@ -50,6 +52,7 @@ class TransportSettings:
     initial_clip: float = 0.05
     clip_target: float = 1e-3
     entropy_coding: bool = True
+    tail_trim: float = 0.1  # aggregation.trim_fraction: readable tail counts, trimmed
 
 
 class ModelTransport:
@@ -69,7 +72,8 @@ class ModelTransport:
         self._holds: dict[int, int] = {}  # node id -> mask id it last acknowledged
         self._blobs: tuple[bytes, bytes] = (b"", b"")
         self._round = 0
-        self._tail = empty_tail()
+        self._tail = empty_tail()  # summed counts that arrive summed (secure aggregation)
+        self._tails: list[TailCounts] = []  # each readable client's counts, combined robustly
 
     def begin_round(self, server_round: int, weights: dict[str, np.ndarray]) -> None:
         """Prune ``weights`` in place per the schedule and encode this round's model blobs."""
@@ -89,6 +93,7 @@ class ModelTransport:
         full = encode_model(arrays, round=server_round, scales=scales, masks=self.masks,
                             include_masks=bool(self.masks), entropy_coding=zipped)
         self._blobs, self._round, self._tail = (lean, full), server_round, empty_tail()
+        self._tails = []
 
     def model_blob(self, node_id: int) -> bytes:
         """This round's model blob for ``node_id``: with bitmaps unless it holds the mask."""
@@ -109,7 +114,9 @@ class ModelTransport:
                                  scale=int8_scale(self.clip) if int8 else None)
         update = decode_update(blob, max_bytes=update_size(expected), expected=expected,
                                expected_round=self._round, expected_mask_id=self.mask_id)
-        counts = TailCounts.from_list(tail) if int8 else empty_tail()
+        # Clamped as honest clients clamp them: one client reporting "everything clipped"
+        # counts at most TAIL_COUNT_MAX per level, too few to widen the cohort's range alone.
+        counts = TailCounts.from_list(tail).clamped(TAIL_COUNT_MAX) if int8 else empty_tail()
         kept = sum(e.count for e in expected.values())
         if int8 and counts.total != kept:
             raise ValueError(f"clip-tail counts {counts.total} values, the update has {kept}")
@@ -118,7 +125,8 @@ class ModelTransport:
             dense = update.dense(name, self.masks.get(name))
             delta[name] = dequantize_int8(dense, self.clip) if int8 and dequantize else dense
         self._holds[node_id] = self.mask_id
-        self._tail = self._tail + counts
+        if int8:
+            self._tails.append(counts)
         return delta
 
     def restore(self, masks: Mapping[str, np.ndarray] | None, clip: float) -> None:
@@ -131,9 +139,10 @@ class ModelTransport:
         self.clip = float(clip)
         self._holds.clear()
 
-    def record_tail(self, counts: TailCounts) -> None:
-        """Add a cohort's summed tail counts (secure aggregation: they arrive in the sum)."""
-        self._tail = self._tail + counts
+    def record_tail(self, counts: TailCounts, clients: int) -> None:
+        """Add the summed tail counts of ``clients`` clients (secure aggregation: they arrive
+        in the sum), each level clamped to what that many honest clients can report."""
+        self._tail = self._tail + counts.clamped(TAIL_COUNT_MAX * clients)
 
     @property
     def kept_count(self) -> int:
@@ -160,7 +169,8 @@ class ModelTransport:
     def end_round(self) -> None:
         """Adapt the shared int8 clip range to this round's cohort (int8 transport only)."""
         if self.settings.update_bits == 8:
-            self.clip = clip_from_stats(self.clip, self._tail, target=self.settings.clip_target)
+            tail = self._tail + trimmed_tail_sum(self._tails, self.settings.tail_trim)
+            self.clip = clip_from_stats(self.clip, tail, target=self.settings.clip_target)
 
     @property
     def sparsity(self) -> float:

@@ -30,6 +30,13 @@ A76 = 1.25  # Cortex-A76-class
 _INT_FIELDS = ("ram_bytes", "memory_budget_bytes")
 _FLOAT_FIELDS = ("train_flops_per_s", "uplink_bytes_per_s", "downlink_bytes_per_s", "availability")
 NUMERIC_FIELDS: tuple[str, ...] = _INT_FIELDS + _FLOAT_FIELDS
+# What a device can physically have, far above any phone or board (a profile arrives from the
+# device itself and may lie): 1 TiB of RAM, 1 PFLOP/s of training, 100 GB/s of link. A value
+# above is refused, so plans built from profiles stay well inside int64 and float64.
+PHYSICAL_LIMITS: dict[str, float] = {
+    "ram_bytes": 2.0**40, "memory_budget_bytes": 2.0**40, "train_flops_per_s": 1e15,
+    "uplink_bytes_per_s": 1e11, "downlink_bytes_per_s": 1e11, "availability": 1.0,
+}
 
 
 @dataclass(frozen=True)
@@ -86,12 +93,14 @@ def _validate(p: DeviceProfile) -> None:
         value = getattr(p, name)
         if not is_real(value) or not math.isfinite(value) or value <= 0:
             raise ValueError(f"{name}: must be a positive finite number, got {value!r}")
+    for name, limit in PHYSICAL_LIMITS.items():
+        if getattr(p, name) > limit:
+            raise ValueError(f"{name}: {getattr(p, name)!r} is more than a device can have "
+                             f"(at most {limit:g})")
     if p.memory_budget_bytes > p.ram_bytes:
         raise ValueError(
             f"memory_budget_bytes: {p.memory_budget_bytes} exceeds ram_bytes {p.ram_bytes}"
         )
-    if p.availability > 1:
-        raise ValueError(f"availability: must be in (0, 1], got {p.availability!r}")
     if not isinstance(p.sources, Mapping):
         raise ValueError(f"sources: must be a mapping of field name to text, got {p.sources!r}")
     allowed = {f.name for f in fields(DeviceProfile)} - {"sources"}

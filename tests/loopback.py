@@ -2,7 +2,8 @@
 
 This stands in for Flower's transport only (which has its own tests and is exercised by the
 end-to-end runs); the ServerApp, strategy and ClientApp code under test are the real ones.
-``tamper`` lets a test corrupt one client's reply, as a faulty or malicious device would.
+``tamper`` lets a test corrupt one client's training reply, as a faulty or malicious device
+would; ``tamper_query`` its replies to queries (``register``, secure-aggregation stages).
 ``sent`` and ``received`` record every message the coordinator sent and every reply it got back
 (after tampering, as the coordinator saw it), so a test can check what crossed the wire.
 """
@@ -24,9 +25,11 @@ class LoopbackGrid:
 
     def __init__(self, num_clients: int, tamper: dict[int, Tamper] | None = None,
                  crash: Iterable[int] = (),
-                 silent: Callable[[Message], bool] | None = None) -> None:
+                 silent: Callable[[Message], bool] | None = None,
+                 tamper_query: dict[int, Tamper] | None = None) -> None:
         self.nodes = {1000 + i: i for i in range(num_clients)}
         self.tamper = tamper or {}
+        self.tamper_query = tamper_query or {}
         self.crash = set(crash)
         self.silent = silent  # True for a message whose node never answers (it vanished)
         self.sent: list[Message] = []
@@ -57,6 +60,8 @@ class LoopbackGrid:
             reply = client_app(msg, self.contexts[node])
             if index in self.tamper and msg.metadata.message_type == "train":
                 reply = self.tamper[index](reply)
+            if index in self.tamper_query and msg.metadata.message_type == "query":
+                reply = self.tamper_query[index](reply)
             replies.append(reply)
         self.received.extend(replies)
         return replies
