@@ -35,6 +35,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from fleetfl import protocol as P
+from fleetfl.aggregation.sum_bounds import secure_sum_problem
 from fleetfl.compression.quantize import TAIL_LEVELS, TailCounts
 from fleetfl.coordinator.strategy import FleetFedProx, ReplyError, RoundStats, _Reply
 from fleetfl.privacy import SecAggAbort, SecAggParams, SecAggServer
@@ -110,6 +111,12 @@ class SecureFleetFedProx(FleetFedProx):
         survivors = list(result.survivors)
         stats.aggregated = len(survivors)
         values, tail = result.sum[:-TAIL_LEVELS], result.sum[-TAIL_LEVELS:]
+        problem = secure_sum_problem(values, tail, len(survivors))
+        if problem is not None:  # a client lied inside its mask: refuse the whole sum
+            stats.secagg_refused, stats.aggregated = 1, 0
+            log.warning("round %d: secure sum refused, no model update: %s",
+                        stats.server_round, problem)
+            return None
         self.transport.record_tail(TailCounts(self.transport.kept_count * len(survivors),
                                               tuple(int(t) for t in tail)), len(survivors))
         return self._mean_from_sum(self.transport.scatter(values), survivors)

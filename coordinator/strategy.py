@@ -81,6 +81,7 @@ class RoundStats:
     secagg_server_s: float = 0.0  # coordinator compute seconds in the protocol
     secagg_aborted: int = 0  # 1: too few clients to unmask; no model update this round
     norm_bounded: int = 0  # readable updates scaled down to the round's norm bound
+    secagg_refused: int = 0  # 1: the unmasked sum was out of honest bounds; no model update
 
 
 @dataclass(frozen=True)

@@ -128,3 +128,42 @@ def test_one_client_cannot_hijack_the_shared_clip_range(honest: dict[str, RunOut
     clips, honest_clips = ([r["clip"] for r in o.rows] for o in (outcome, honest["int8"]))
     assert max(clips) <= 2 * max(honest_clips), (clips, honest_clips)
     assert _final(outcome) > _final(honest["int8"]) - 0.1
+
+
+def test_a_secure_sum_out_of_honest_bounds_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under SecAgg+, from round 4 on, a client skips its own range check and masks values of
+    2000 (the ring for 10 clients has 12 bits: up to 2047). The coordinator cannot see its
+    input, but 10 int8 inputs cannot sum past 1270: those rounds are refused, the model kept.
+    (The liar is detected, not identified: it can stall the rounds it joins, not poison them.)
+    """
+    from fleetfl.client import secure
+    from fleetfl.compression.quantize import TAIL_LEVELS
+    from fleetfl.coordinator import secure_strategy
+    from fleetfl.privacy import ring
+
+    honest_embed, honest_masked = ring.embed, secure.masked_update
+
+    def lenient_embed(x: np.ndarray, bits: int, max_abs: int) -> np.ndarray:
+        return honest_embed(x, bits, (1 << (bits - 1)) - 1)
+
+    def lying_masked(request: ConfigRecord, vector: np.ndarray, context) -> ConfigRecord:
+        if int(context.node_id) == 1000:  # client 0, selected in every round here
+            calls = context.state.config_records.setdefault("liar", ConfigRecord({"n": 0}))
+            calls["n"] = int(calls["n"]) + 1
+            if int(calls["n"]) >= 4:
+                vector = vector.copy()
+                vector[:-TAIL_LEVELS] = 2000
+        return honest_masked(request, vector, context)
+
+    monkeypatch.setattr(ring, "embed", lenient_embed)
+    monkeypatch.setattr(secure, "masked_update", lying_masked)
+    secagg = [*INT8, "secagg.enabled=true"]
+    defended = _run(secagg)
+    refused = [r["round"] for r in defended.rows if r["secagg_refused"]]
+    assert refused == [4, 5, 6] and all(defended.rows[i - 1]["aggregated"] == 0 for i in refused)
+    before = defended.rows[2]
+    assert before["accuracy"] > defended.initial["accuracy"] + 0.2  # rounds 1-3 learned
+    assert defended.rows[-1]["loss"] == before["loss"]  # and the model was kept since
+    monkeypatch.setattr(secure_strategy, "secure_sum_problem", lambda *a: None)
+    undefended = _run(secagg)
+    assert undefended.rows[-1]["loss"] > 2 * before["loss"]  # the attack itself is real
