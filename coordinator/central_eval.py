@@ -52,7 +52,12 @@ def evaluation_sets(config: Config, task: Task, model: nn.Module,
                     deployed: bool) -> EvaluationSets:
     """The sets, after the task's start-up checks (``ConfigError`` naming the key)."""
     if not deployed:
-        data = task.federated_data(config.federation.num_clients, config.task.seed)
+        num_clients = config.federation.num_clients
+        try:
+            data = task.federated_data(num_clients, config.task.seed)
+        except ValueError as err:  # e.g. too few examples for that many clients
+            raise ConfigError("federation.num_clients", f"task {task.name!r} cannot make "
+                                                        f"{num_clients} clients: {err}") from None
         example = data.clients[0][0].x[:2]
         check_task(config, task, model, example)
         return EvaluationSets(data.input_shape, data.num_classes, str(example.dtype), data.test,

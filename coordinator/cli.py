@@ -86,6 +86,7 @@ def _simulate(args: argparse.Namespace) -> int:
         output = dataclasses.replace(output, dir=args.out)
     if args.no_progress:
         output = dataclasses.replace(output, progress=False)
+    output.check()  # --out on an existing file: one error naming the key
     config = dataclasses.replace(config, output=output)
     from rich.console import Console
 

@@ -94,6 +94,10 @@ def _legacy_task(values: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+MAX_CLIENTS = 1_000_000  # simulated clients: each has a device profile and a data split
+MAX_LR = 100.0
+
+
 @dataclass(frozen=True)
 class FederationConfig:
     """How many clients, rounds and local work; where the simulation runs."""
@@ -114,6 +118,9 @@ class FederationConfig:
 
     def check(self) -> None:
         _positive("federation.num_clients", self.num_clients)
+        if self.num_clients > MAX_CLIENTS:
+            raise ConfigError("federation.num_clients", f"{self.num_clients} is more than "
+                                                        f"fleetfl simulates ({MAX_CLIENTS})")
         _positive("federation.clients_per_round", self.clients_per_round)
         if self.clients_per_round > self.num_clients:
             raise ConfigError(
@@ -124,6 +131,9 @@ class FederationConfig:
         _positive("federation.local_epochs", self.local_epochs)
         _positive("federation.batch_size", self.batch_size)
         _positive("federation.lr", self.lr)
+        if self.lr > MAX_LR:
+            raise ConfigError("federation.lr", f"{self.lr} would diverge at once "
+                                               f"(at most {MAX_LR:g})")
         _positive("federation.client_cpus", self.client_cpus)
         _positive("federation.round_timeout_s", self.round_timeout_s)
         _at_least("federation.evaluate_every", self.evaluate_every, 0)
@@ -181,6 +191,7 @@ class FleetConfig:
             raise ConfigError("fleet.memory_budget_fraction",
                               f"must be in [0, 1], got {self.memory_budget_fraction}")
         _at_least("fleet.runtime_memory_mib", self.runtime_memory_mib, 0.0)
+        _at_least("fleet.seed", self.seed, 0)
 
     @property
     def runtime_memory_bytes(self) -> int:
@@ -284,6 +295,8 @@ class OutputConfig:
     def check(self) -> None:
         if not self.dir:
             raise ConfigError("output.dir", "must not be empty")
+        if Path(self.dir).expanduser().exists() and not Path(self.dir).expanduser().is_dir():
+            raise ConfigError("output.dir", f"{self.dir} exists and is not a directory")
 
 
 @dataclass(frozen=True)
@@ -433,8 +446,12 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
                 loaded = tomllib.load(fh)
         except FileNotFoundError:
             raise ConfigError("--config", f"file not found: {path}") from None
-        except tomllib.TOMLDecodeError as err:
+        except IsADirectoryError:
+            raise ConfigError("--config", f"{path} is a directory, not a TOML file") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
             raise ConfigError("--config", f"{path} is not valid TOML: {err}") from None
+        except OSError as err:
+            raise ConfigError("--config", f"cannot read {path}: {err}") from None
         for name, values in loaded.items():
             data[name] = dict(values) if isinstance(values, Mapping) else values
     apply_overrides(data, overrides)

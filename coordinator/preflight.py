@@ -57,5 +57,31 @@ def preflight(config: Config, *, deployed: bool = False) -> None:
     data in simulation and, ``deployed``, on zeros of its ``input_shape`` (no client data)."""
     from fleetfl.coordinator.central_eval import evaluation_sets
 
+    if not deployed:
+        check_simulation(config)
     task = config.task.build()
     evaluation_sets(config, task, task.build_model(config.task.seed), deployed)
+
+
+def check_simulation(config: Config) -> None:
+    """What only a simulation on this machine needs: a simulated client fits a local Ray
+    worker (``federation.client_cpus``) and some device of ``fleet.mix`` can hold the client
+    runtime (``fleet.runtime_memory_mib``); else every round would hang or select nobody."""
+    import os
+
+    from fleetfl.devices.fleet import parse_mix
+    from fleetfl.devices.profiles import get_profile
+
+    fed, fleet = config.federation, config.fleet
+    cpus = os.cpu_count() or 1
+    if not fed.ray_address and fed.client_cpus > cpus:
+        raise ConfigError("federation.client_cpus", f"{fed.client_cpus:g} CPUs per client, but "
+                                                    f"this machine has {cpus}: no simulated "
+                                                    f"client could be scheduled")
+    profiles = [get_profile(name) for name in parse_mix(fleet.mix)]
+    budgets = [p.ram_bytes * fleet.memory_budget_fraction if fleet.memory_budget_fraction
+               else p.memory_budget_bytes for p in profiles]
+    if fleet.runtime_memory_bytes >= max(budgets):
+        raise ConfigError("fleet.runtime_memory_mib",
+                          f"{fleet.runtime_memory_mib:g} MiB leaves no memory to train on any "
+                          f"device of fleet.mix (largest budget {max(budgets) / 2**20:.0f} MiB)")

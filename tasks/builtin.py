@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from torch import nn
 
 DIGITS_MODELS = ("cnn", "logreg", "randwire")
+SYNTHETIC_MAX = 100.0  # the FedProx paper's alpha, beta are 0, 0.5 and 1
 
 
 def _flag(name: str, value: bool) -> bool:
@@ -76,6 +77,9 @@ class SyntheticTask(Task):
                              f"'logreg'")
         self.alpha = _non_negative("alpha", alpha)
         self.beta = _non_negative("beta", beta)
+        for key, value in (("alpha", self.alpha), ("beta", self.beta)):
+            if value > SYNTHETIC_MAX:  # exp() of the logits overflows far below 1e308
+                raise ValueError(f"{key} must be <= {SYNTHETIC_MAX:g}, got {value:g}")
         self.iid, self.model = _flag("iid", iid), model
 
     def build_model(self, seed: int) -> nn.Module:

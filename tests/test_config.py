@@ -108,3 +108,37 @@ def test_shipped_example_configs_are_valid():
     assert examples
     for path in examples:
         load_config(path)
+
+
+# Found by fuzzing the configuration: each was a traceback or failed after Ray started.
+@pytest.mark.parametrize(("overrides", "key"), [
+    (["fleet.seed=-1"], "fleet.seed"),
+    (["federation.num_clients=2000", "federation.clients_per_round=2"],
+     "federation.num_clients"),  # digits has too few examples for 2000 clients
+    (["federation.num_clients=1000000000"], "federation.num_clients"),
+    (["federation.lr=1e308"], "federation.lr"),
+    (['task.name="synthetic"', "task.params.beta=1e308"], "task.params"),
+    (["federation.client_cpus=100000"], "federation.client_cpus"),
+    (["fleet.runtime_memory_mib=1e12"], "fleet.runtime_memory_mib"),
+])
+def test_fuzzed_values_are_one_error_naming_the_key_before_any_engine(
+        overrides: list[str], key: str) -> None:
+    from fleetfl.coordinator.preflight import preflight
+
+    with pytest.raises(ConfigError) as err:
+        preflight(load_config(None, overrides))  # what `fleetfl simulate` runs before Ray
+    assert err.value.key == key
+
+
+def test_config_and_out_paths_that_are_not_files_or_directories(tmp_path) -> None:
+    binary = tmp_path / "random.toml"
+    binary.write_bytes(bytes(range(256)))
+    for path, words in ((binary, "not valid TOML"), (tmp_path, "is a directory")):
+        with pytest.raises(ConfigError, match=words) as err:
+            load_config(path)
+        assert err.value.key == "--config"
+    taken = tmp_path / "a-file"
+    taken.write_text("")
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [f"output.dir={str(taken)!r}"])
+    assert err.value.key == "output.dir"
