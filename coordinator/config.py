@@ -411,9 +411,10 @@ def _check_secagg(config: Config) -> None:
         raise ConfigError("secagg.enabled", "secure aggregation sums int8 updates; set "
                                             "compression.update_bits = 8")
     from fleetfl.privacy.graph import choose_parameters
+    from fleetfl.privacy.secagg_client import majority_threshold
 
     try:
-        choose_parameters(config.federation.clients_per_round,
+        k, t = choose_parameters(config.federation.clients_per_round,
                           corrupt_fraction=sec.corrupt_fraction,
                           dropout_fraction=sec.dropout_fraction,
                           num_neighbours=sec.num_neighbours or None,
@@ -422,6 +423,10 @@ def _check_secagg(config: Config) -> None:
         key = "secagg.threshold" if sec.threshold else "secagg.num_neighbours"
         raise ConfigError(key, f"no SecAgg+ parameters for {config.federation.clients_per_round} "
                                f"clients per round: {err}") from None
+    if t < majority_threshold(k):  # clients refuse it (a lying coordinator's simpler attack)
+        raise ConfigError("secagg.threshold", f"t = {t} is below the majority of k = {k} "
+                                              f"neighbours ({majority_threshold(k)}), which "
+                                              f"every client enforces")
 
 
 def parse_override(item: str) -> tuple[str, str, Any]:

@@ -78,11 +78,21 @@ class _State(Message):
     seed: bytes  # self-mask seed, erased after masking
 
 
+def majority_threshold(num_neighbours: int) -> int:
+    """The smallest t a client accepts for ``k`` neighbours: ``floor((k + 1) / 2) + 1`` (and
+    at least 2). Two disjoint sets of t share holders then cannot exist, so a coordinator that
+    asks some holders for a client's seed and others for its mask key needs ``2t - k``
+    colluding holders (docs/secagg.md section 4)."""
+    return max(2, (num_neighbours + 1) // 2 + 1)
+
+
 class SecAggClient:
     """One client's SecAgg+ state for one round.
 
     ``min_threshold`` is the client's own floor on the Shamir threshold (a curious coordinator
-    could otherwise ask for t = 1). ``random_bytes`` is ``os.urandom``; tests pass a seeded one.
+    could otherwise ask for t = 1); whatever it is, the client also refuses a ``t`` below the
+    majority of its ``k`` neighbours, ``floor((k + 1) / 2) + 1`` (:func:`majority_threshold`).
+    ``random_bytes`` is ``os.urandom``; tests pass a seeded one.
     """
 
     def __init__(self, node_id: int, *, min_threshold: int = 2,
@@ -321,8 +331,9 @@ class SecAggClient:
         elif not (effective_degree(n, max(setup.num_neighbours, 1)) == setup.num_neighbours
                   and 1 <= setup.num_neighbours <= n - 1):
             problems.append(f"degree {setup.num_neighbours} is not even or n - 1 = {n - 1}")
-        elif not max(self.min_threshold, 2) <= setup.threshold <= setup.num_neighbours + 1:
-            problems.append(f"threshold {setup.threshold} outside [{self.min_threshold}, "
+        elif not (floor := max(self.min_threshold, majority_threshold(setup.num_neighbours))) \
+                <= setup.threshold <= setup.num_neighbours + 1:
+            problems.append(f"threshold {setup.threshold} outside [{floor}, "
                             f"k + 1 = {setup.num_neighbours + 1}]")
         elif setup.ring_bits < _bits_needed(n, setup.max_abs):
             problems.append(f"{setup.ring_bits}-bit ring cannot hold {n} x {setup.max_abs}")

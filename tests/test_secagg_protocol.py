@@ -183,13 +183,13 @@ def test_derived_parameters_survive_the_stated_dropout_fraction(stage: Stage) ->
 
 
 def test_no_masked_input_at_all_aborts() -> None:
-    r = make_round(6, 5, params=complete(6, 3))
+    r = make_round(6, 5, params=complete(6, 4))
     with pytest.raises(SecAggAbort, match="only 0 masked inputs"):
         run(r, drop={Stage.MASKED_INPUT: set(r.clients)})
 
 
 def test_dropouts_spread_over_every_stage() -> None:
-    n, t = 12, 5
+    n, t = 16, 9  # 7 dropouts leave 9 = t holders to unmask
     r = make_round(n, 80, params=complete(n, t))
     ids = list(r.clients)
     drop = {Stage.ADVERTISE_KEYS: {ids[0]}, Stage.SHARE_KEYS: {ids[1], ids[2]},
@@ -325,7 +325,7 @@ def run_until(r: Round, stage: Stage) -> dict[int, Any]:
 
 
 def test_reordered_and_misattributed_replies_are_rejected() -> None:
-    r = make_round(6, 10, params=complete(6, 3))
+    r = make_round(7, 10, params=complete(7, 4))  # 3 rejected leave 4 = t inputs
     requests = run_until(r, Stage.MASKED_INPUT)
     masked = {u: r.clients[u].masked_input(m, r.inputs[u]) for u, m in requests.items()}
     swapped = dict(masked)
@@ -409,7 +409,7 @@ def test_client_refuses_a_setup_with_threshold_below_its_floor() -> None:
 
 
 def test_wrong_unmask_share_is_caught_not_summed() -> None:
-    n, t = 8, 4
+    n, t = 8, 5
     r = make_round(n, 30, params=complete(n, t))
     liar, owner = 102, 106
 
@@ -540,7 +540,7 @@ def test_byte_accounting_matches_messages_and_meets_the_uplink_budget() -> None:
 
 
 def test_masked_input_request_lists_exactly_the_live_neighbours() -> None:
-    r = make_round(12, 5, params=SecAggParams(num_neighbours=6, threshold=3))
+    r = make_round(12, 5, params=SecAggParams(num_neighbours=6, threshold=4))
     requests = run_until(r, Stage.MASKED_INPUT)
     nbrs = graph.neighbours(list(r.clients), 6, r.server.setup_message.graph_seed)
     for node, req in requests.items():
