@@ -193,11 +193,14 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     src = Path(path)
     if not src.is_file():
         raise CheckpointError(f"{src}: no such checkpoint file")
+    size = src.stat().st_size
     try:
         raw = torch.load(src, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for foreign or unsafe files
-        raise CheckpointError(f"{src}: not a fleetfl checkpoint (torch.load with "
-                              f"weights_only=True failed: {str(err).splitlines()[0]})") from None
+        why = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise CheckpointError(f"{src}: truncated, corrupt or not a fleetfl checkpoint "
+                              f"({size} bytes; torch.load with weights_only=True failed: "
+                              f"{why})") from None
     if not isinstance(raw, dict) or raw.get("format") != FORMAT:
         raise CheckpointError(f"{src}: not a fleetfl checkpoint (format field is "
                               f"{raw.get('format') if isinstance(raw, dict) else None!r}, "

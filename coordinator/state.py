@@ -17,15 +17,20 @@ and continues with round ``server_round + 1``:
 
 The commit is a regular global-model checkpoint (:mod:`fleetfl.coordinator.checkpoint`), so
 ``fleetfl export`` reads ``STATE/rounds/checkpoint.pt`` directly. Next to it:
-``metrics.jsonl`` (the rows, rewritten atomically after each commit; the service prints from
-it) and ``lock``.
+``commit.json`` (the round and the SHA-256 of the checkpoint it committed, written after it:
+a checkpoint that does not match is refused at resume), ``metrics.jsonl`` (the rows, rewritten
+atomically after each commit and rebuilt from the checkpoint's history at resume; the service
+prints from it) and ``lock``. A full disk is reported as such, naming the directory.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
+import hashlib
 import json
 import os
+import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +40,7 @@ import numpy as np
 
 STATE_ENV = "FLEETFL_STATE_DIR"  # set by `fleetfl coordinator start` for the ServerApp process
 CHECKPOINT = "checkpoint.pt"
+COMMIT = "commit.json"
 METRICS = "metrics.jsonl"
 # Config keys that may change between a crash and the restart without invalidating the state.
 RESUMABLE_CHANGES = ("federation.rounds", "federation.round_timeout_s", "output.")
@@ -143,6 +149,7 @@ class RoundStore:
             ckpt = load_checkpoint(self.checkpoint_path)
         except CheckpointError as err:
             raise StateError(f"{err}; move the file away to start over") from None
+        self._check_commit(ckpt.server_round)
         extra = ckpt.strategy_state or {}
         return RoundState(
             server_round=ckpt.server_round,
@@ -155,6 +162,24 @@ class RoundStore:
             history=list(extra.get("history", [])),
             config=dict(extra.get("config", {})),
         )
+
+    def _check_commit(self, server_round: int) -> None:
+        """The checkpoint must be the one ``commit.json`` records, or the next round's (a crash
+        between the checkpoint's atomic replace and ``commit.json``'s); without the file (a
+        store from before it existed) the checkpoint's own checks apply."""
+        try:
+            commit = json.loads((self.directory / COMMIT).read_text())
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError) as err:
+            raise StateError(f"{self.directory / COMMIT} is unreadable ({err}); move the "
+                             f"directory away to start over") from None
+        digest = _sha256(self.checkpoint_path)
+        if digest != commit.get("sha256") and server_round != commit.get("round", -1) + 1:
+            raise StateError(f"{self.checkpoint_path} is not the checkpoint committed for round "
+                             f"{commit.get('round')} (sha256 {digest[:12]}…, committed "
+                             f"{str(commit.get('sha256'))[:12]}…): truncated or changed; move "
+                             f"the directory away to start over")
 
     def last_round(self) -> int | None:
         """The committed round number (``None``: nothing committed)."""
@@ -171,19 +196,30 @@ class RoundStore:
         if last is not None and state.server_round != last + 1:
             raise StateError(f"round {state.server_round} cannot follow committed round {last}: "
                              "each round is committed once, in order")
-        save_checkpoint(
-            self.checkpoint_path,
-            state_dict=state.arrays,
-            task=state.task,
-            server_round=state.server_round,
-            masks=state.masks,
-            quantization=state.quantization,
-            strategy_state={"strategy": state.strategy, "pruning": state.pruning,
-                            "history": state.history, "config": state.config},
-        )
-        _fsync_dir(self.directory)
-        _atomic_text(self.directory / METRICS,
-                     "".join(json.dumps(row) + "\n" for row in state.history))
+        try:
+            save_checkpoint(
+                self.checkpoint_path,
+                state_dict=state.arrays,
+                task=state.task,
+                server_round=state.server_round,
+                masks=state.masks,
+                quantization=state.quantization,
+                strategy_state={"strategy": state.strategy, "pruning": state.pruning,
+                                "history": state.history, "config": state.config},
+            )
+            _fsync_dir(self.directory)
+            _atomic_text(self.directory / COMMIT, json.dumps(
+                {"round": state.server_round, "sha256": _sha256(self.checkpoint_path)}))
+            self._write_metrics(state.history)
+        except OSError as err:
+            if err.errno == errno.ENOSPC:
+                free = shutil.disk_usage(self.directory).free
+                raise StateError(f"the disk holding {self.directory} is full ({free} bytes "
+                                 f"free): round {state.server_round} was not committed") from None
+            raise
+
+    def _write_metrics(self, history: list[dict[str, Any]]) -> None:
+        _atomic_text(self.directory / METRICS, "".join(json.dumps(row) + "\n" for row in history))
 
     def resume(self, config: Mapping[str, Any]) -> RoundState | None:
         """:meth:`load`, refusing a state made with a different configuration."""
@@ -194,13 +230,31 @@ class RoundStore:
         if changed:
             raise StateError(f"{self.directory} was made with a different configuration "
                              f"({', '.join(changed)}); use a new --state directory to start over")
+        self._write_metrics(state.history)  # rebuilt: a corrupted metrics.jsonl blocks nothing
         return state
 
 
 def read_metrics(directory: str | Path) -> list[dict[str, Any]]:
-    """The committed metrics rows under ``directory`` (``[]`` before the first commit)."""
+    """The committed metrics rows under ``directory`` (``[]`` before the first commit; lines
+    that do not parse are skipped: the file is rebuilt from the checkpoint at resume)."""
     try:
-        lines = (Path(directory) / METRICS).read_text().splitlines()
+        lines = (Path(directory) / METRICS).read_text(errors="replace").splitlines()
     except FileNotFoundError:
         return []
-    return [json.loads(line) for line in lines if line.strip()]
+    rows = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

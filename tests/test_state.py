@@ -136,3 +136,60 @@ def test_from_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(STATE_ENV, str(tmp_path))
     store = RoundStore.from_env()
     assert store is not None and store.directory == tmp_path / "rounds"
+
+
+def test_an_empty_checkpoint_is_the_same_clear_error_as_a_truncated_one(tmp_path: Path) -> None:
+    store = RoundStore(tmp_path)
+    store.acquire()
+    store.commit(_state(1))
+    whole = (tmp_path / "checkpoint.pt").read_bytes()
+    for broken in (b"", whole[: len(whole) // 2]):
+        (tmp_path / "checkpoint.pt").write_bytes(broken)
+        with pytest.raises(StateError, match=f"truncated, corrupt .*\\({len(broken)} bytes"):
+            RoundStore(tmp_path).load()
+
+
+def test_a_checkpoint_that_is_not_the_committed_one_is_refused(tmp_path: Path) -> None:
+    store = RoundStore(tmp_path)
+    store.acquire()
+    store.commit(_state(1, 0.5))
+    store.commit(_state(2, 0.7))
+    two = (tmp_path / "checkpoint.pt").read_bytes()
+    other = tmp_path / "other"
+    other_store = RoundStore(other)
+    other_store.acquire()
+    other_store.commit(_state(1, 9.0))
+    (tmp_path / "checkpoint.pt").write_bytes((other / "checkpoint.pt").read_bytes())
+    with pytest.raises(StateError, match="not the checkpoint committed for round 2"):
+        RoundStore(tmp_path).load()
+    # A crash after the checkpoint of round 3 replaced round 2's, before commit.json: kept.
+    (tmp_path / "checkpoint.pt").write_bytes(two)
+    import json
+    (tmp_path / "commit.json").write_text(json.dumps({"round": 1, "sha256": "0" * 64}))
+    got = RoundStore(tmp_path).load()
+    assert got is not None and got.server_round == 2
+
+
+def test_a_corrupted_metrics_file_is_rebuilt_at_resume(tmp_path: Path) -> None:
+    store = RoundStore(tmp_path)
+    store.acquire()
+    store.commit(_state(2))
+    (tmp_path / "metrics.jsonl").write_bytes(b'{"round": 1}\n\x00\xffnot json\n{"rou')
+    assert read_metrics(tmp_path) == [{"round": 1}]  # readable lines only; no exception
+    RoundStore(tmp_path).resume(CONFIG)
+    assert [r["round"] for r in read_metrics(tmp_path)] == [1, 2]
+
+
+def test_a_full_disk_names_the_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    from fleetfl.coordinator import checkpoint
+
+    def full(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    store = RoundStore(tmp_path)
+    store.acquire()
+    monkeypatch.setattr(checkpoint, "save_checkpoint", full)
+    with pytest.raises(StateError, match=f"the disk holding {tmp_path} is full"):
+        store.commit(_state(1))
