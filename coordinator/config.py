@@ -146,6 +146,11 @@ class StrategyConfig:
 
     name: str = _f("fedprox", "'fedprox' or 'fedavg' (plain local SGD: mu is 0)")
     mu: float = _f(0.01, "FedProx proximal weight: loss + mu/2 * ||w - w_t||^2 (0 with fedavg)")
+    server_optimizer: str = _f("none", "'none', 'fedavgm', 'fedadam' or 'fedyogi': the server "
+                                       "step on the round's combined update (Reddi et al. 2021)")
+    server_lr: float = _f(0.0, "server learning rate eta (0: the optimizer's default: 1.0 "
+                               "fedavgm, 0.1 fedadam, 0.01 fedyogi)")
+    server_momentum: float = _f(0.9, "fedavgm: momentum beta")
 
     def __post_init__(self) -> None:
         # FedAvg is FedProx with mu = 0; resolve it here so summary.json shows what ran.
@@ -155,6 +160,15 @@ class StrategyConfig:
     def check(self) -> None:
         _choice("strategy.name", self.name, STRATEGY_NAMES)
         _at_least("strategy.mu", self.mu, 0.0)
+        from fleetfl.aggregation.server_opt import RULES
+
+        _choice("strategy.server_optimizer", self.server_optimizer, RULES)
+        if not 0 <= self.server_lr <= MAX_LR:
+            raise ConfigError("strategy.server_lr", f"must be in [0, {MAX_LR:g}], got "
+                                                    f"{self.server_lr}")
+        if not 0 <= self.server_momentum < 1:
+            raise ConfigError("strategy.server_momentum", f"must be in [0, 1), got "
+                                                          f"{self.server_momentum}")
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fleetfl import protocol as P
 from fleetfl.aggregation.combine import RobustRule
+from fleetfl.aggregation.server_opt import ServerOptimizer
 from fleetfl.coordinator.central_eval import evaluation_sets
 from fleetfl.coordinator.checkpoint import save_checkpoint
 from fleetfl.coordinator.config import Config, from_run_config, to_run_config
@@ -127,13 +128,15 @@ def run_rounds(grid: Grid, config: Config, outcome: RunOutcome,
         drop_stragglers=config.fleet.drop_stragglers,
         robust=RobustRule(config.aggregation.clip_norm, config.aggregation.norm_bound_ratio,
                           config.aggregation.robust, config.aggregation.trim_fraction),
+        server_opt=ServerOptimizer(config.strategy.server_optimizer, config.strategy.server_lr,
+                                   config.strategy.server_momentum),
     )
     clock = VirtualClock()
     started = time.perf_counter()
     task_record = {**asdict(task_cfg), "input_shape": list(input_shape),
                    "input_dtype": sets.input_dtype,
                    "num_classes": num_classes, "num_clients": fed.num_clients}
-    done = _resume(store, config, model, transport, clock, outcome)
+    done = _resume(store, config, model, transport, clock, outcome, strategy.server_opt)
     strategy.round_offset = done
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
@@ -162,7 +165,8 @@ def run_rounds(grid: Grid, config: Config, outcome: RunOutcome,
         state = RoundState(
             server_round=server_round, arrays=dict(zip(arrays.keys(), arrays.to_numpy_ndarrays(),
                                                        strict=True)),
-            task=task_record, strategy={"simulated_time_s": clock.now_s},
+            task=task_record, strategy={"simulated_time_s": clock.now_s,
+                                        "server_opt": strategy.server_opt.state()},
             pruning={"sparsity": transport.sparsity},
             quantization={"qat": config.compression.qat, "clip": transport.clip,
                           "update_bits": config.compression.update_bits},
@@ -217,7 +221,8 @@ def _strategy(config: Config, **kwargs: Any) -> FleetFedProx:
 
 
 def _resume(store: RoundStore | None, config: Config, model: torch.nn.Module,
-            transport: ModelTransport, clock: VirtualClock, outcome: RunOutcome) -> int:
+            transport: ModelTransport, clock: VirtualClock, outcome: RunOutcome,
+            server_opt: ServerOptimizer) -> int:
     """Load the store's last commit into the run's pieces; the number of finished rounds."""
     if store is None:
         return 0
@@ -228,6 +233,7 @@ def _resume(store: RoundStore | None, config: Config, model: torch.nn.Module,
     model.load_state_dict({k: torch.from_numpy(v) for k, v in state.arrays.items()})
     transport.restore(state.masks, float(state.quantization.get("clip", transport.clip)))
     clock.advance(float(state.strategy.get("simulated_time_s", 0.0)))
+    server_opt.restore(dict(state.strategy.get("server_opt", {})))
     outcome.rows = list(state.history)
     log.warning("resuming after committed round %d", state.server_round)
     return state.server_round

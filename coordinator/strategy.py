@@ -37,6 +37,7 @@ from flwr.serverapp.strategy import FedProx
 from fleetfl import protocol as P
 from fleetfl.aggregation.combine import RobustRule, combine_float, combine_int8
 from fleetfl.aggregation.int8_mean import int8_weighted_mean, update_weights
+from fleetfl.aggregation.server_opt import ServerOptimizer
 from fleetfl.coordinator.planning import PlanSettings, draw_cohort, plan_cohort, probe_plan
 from fleetfl.coordinator.registry import ClientInfo, FleetRegistry
 from fleetfl.coordinator.transport import ModelTransport
@@ -106,6 +107,7 @@ class FleetFedProx(FedProx):
         flops_per_sample: float,
         drop_stragglers: bool = False,
         robust: RobustRule | None = None,
+        server_opt: ServerOptimizer | None = None,
     ) -> None:
         super().__init__(
             fraction_evaluate=0.0,  # the simulation evaluates centrally (evaluate_fn)
@@ -119,6 +121,7 @@ class FleetFedProx(FedProx):
         self.flops_per_sample = flops_per_sample
         self.drop_stragglers = drop_stragglers
         self.robust = robust or RobustRule()
+        self.server_opt = server_opt or ServerOptimizer()
         self.history: list[RoundStats] = []
         self._cohort: dict[int, ClientInfo] = {}
         self._plans: dict[int, WorkPlan] = {}
@@ -262,8 +265,10 @@ class FleetFedProx(FedProx):
             return None, None
         weights = [r.num_examples for r in kept]
         stats.client_train_loss = float(np.average([r.loss for r in kept], weights=weights))
-        new = [self._base[k] + d.astype(self._base[k].dtype, copy=False)
-               for k, d in zip(self._keys, mean_delta, strict=True)]
+        step = self.server_opt.step(dict(zip(self._keys, mean_delta, strict=True)))
+        masks = self.transport.masks  # a server step (momentum) must not revive pruned weights
+        new = [self._base[k] + (step[k] * masks[k] if k in masks else step[k]).astype(
+            self._base[k].dtype, copy=False) for k in self._keys]
         metrics = MetricRecord(
             {P.TRAIN_LOSS: stats.client_train_loss, P.NUM_EXAMPLES: int(sum(weights))}
         )
