@@ -57,11 +57,8 @@ def cache_dir() -> Path:
 
 def sha256(path: Path) -> str:
     """Hex SHA-256 of a file."""
-    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def archive_path(archive: str | Path | None = None) -> Path:
