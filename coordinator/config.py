@@ -1,6 +1,7 @@
 """The run configuration: TOML sections, `--set section.key=value` overrides, validation.
 
-Every section is a frozen dataclass whose field names are the TOML keys. Parsing is strict: an
+Every section is a frozen dataclass whose field names are the TOML keys
+(:mod:`fleetfl.coordinator.config_sections`). Parsing is strict: an
 unknown section or key, a value of the wrong type, or a value out of range raises
 :class:`ConfigError` naming the offending ``section.key``. Nothing is silently coerced except an
 int where a float is expected.
@@ -17,50 +18,30 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
 
-from fleetfl.devices.fleet import DEFAULT_MIX, parse_mix
-from fleetfl.devices.memory_planner import DEFAULT_RUNTIME_BYTES, MIB
+from fleetfl.coordinator.config_sections import (
+    MAX_CLIENTS,
+    MAX_LR,
+    ROBUST_RULES,
+    STRATEGY_NAMES,
+    AggregationConfig,
+    CompressionConfig,
+    ConfigError,
+    FederationConfig,
+    FleetConfig,
+    OutputConfig,
+    SecAggConfig,
+    StrategyConfig,
+    TaskConfig,
+)
 from fleetfl.tasks.builtin import BUILTIN_PARAMS
-from fleetfl.tasks.registry import TaskError, resolve_task
-from fleetfl.tasks.task import Task
 
-STRATEGY_NAMES = ("fedavg", "fedprox")
-
-
-class ConfigError(ValueError):
-    """A configuration problem; the message starts with the offending ``section.key``."""
-
-    def __init__(self, key: str, problem: str) -> None:
-        super().__init__(f"config key '{key}': {problem}")
-        self.key = key
-
-
-def _f(default: Any, help: str) -> Any:  # noqa: A002 - mirrors argparse's name
-    """A dataclass field with a default and a one-line ``help`` shown by ``--help``."""
-    return field(default=default, metadata={"help": help})
-
-
-@dataclass(frozen=True)
-class TaskConfig:
-    """What is learned: a built-in task or the user's own (``fleetfl.Task``)."""
-
-    name: str = _f("digits", "'digits', 'synthetic' or 'package.module:attribute' (a "
-                             "fleetfl.Task subclass, instance or factory)")
-    params: dict[str, Any] = field(default_factory=dict, metadata={
-        "help": "keyword arguments of the task, a table: digits {model, partition_alpha, iid}, "
-                "synthetic {alpha, beta, iid, model}"})
-    seed: int = _f(0, "seed of data generation, partitioning and model initialization")
-
-    def check(self) -> None:
-        _at_least("task.seed", self.seed, 0)
-        self.build()  # the task must resolve now, not after an engine started
-
-    def build(self) -> Task:
-        """The task object (imports a user's module; raises ConfigError naming the key)."""
-        try:
-            return resolve_task(self.name, self.params)
-        except TaskError as err:
-            raise ConfigError(err.key, str(err)) from None
-
+__all__ = [  # the sections are defined in config_sections; users import them from here
+    "MAX_CLIENTS", "MAX_LR", "ROBUST_RULES", "STRATEGY_NAMES", "AggregationConfig",
+    "CompressionConfig", "Config", "ConfigError", "FederationConfig", "FleetConfig",
+    "OutputConfig", "SecAggConfig", "StrategyConfig", "TaskConfig", "apply_overrides",
+    "describe_keys", "from_dict", "from_run_config", "load_config", "parse_override",
+    "to_run_config",
+]
 
 # The task keys before the Task API still work: ``dataset`` is ``name``, the others are keys of
 # ``params``. As before, a key the chosen built-in does not use (alpha on digits) is ignored.
@@ -94,225 +75,6 @@ def _legacy_task(values: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-MAX_CLIENTS = 1_000_000  # simulated clients: each has a device profile and a data split
-MAX_LR = 100.0
-
-
-@dataclass(frozen=True)
-class FederationConfig:
-    """How many clients, rounds and local work; where the simulation runs."""
-
-    num_clients: int = _f(20, "clients in the fleet (synthetic: number of users)")
-    clients_per_round: int = _f(10, "clients sampled per round among those available")
-    rounds: int = _f(30, "communication rounds")
-    local_epochs: int = _f(2, "local epochs E of a full (non-straggler) work plan")
-    batch_size: int = _f(10, "local mini-batch size")
-    lr: float = _f(0.1, "local SGD learning rate")
-    ray_address: str = _f("", "'' starts a local Ray; 'auto' or 'HOST:PORT' joins a cluster")
-    client_cpus: float = _f(1.0, "Ray CPUs reserved per simulated client")
-    round_timeout_s: float = _f(600.0, "wall seconds to wait for a round's replies")
-    evaluate_every: int = _f(0, "federated evaluation every N rounds: the round's cohort "
-                                "evaluates the global model on its local test splits (0: never)")
-    max_examples_per_client: int = _f(1_000_000, "a client's claimed example count is capped "
-                                                 "here (it weights the client's update)")
-
-    def check(self) -> None:
-        _positive("federation.num_clients", self.num_clients)
-        if self.num_clients > MAX_CLIENTS:
-            raise ConfigError("federation.num_clients", f"{self.num_clients} is more than "
-                                                        f"fleetfl simulates ({MAX_CLIENTS})")
-        _positive("federation.clients_per_round", self.clients_per_round)
-        if self.clients_per_round > self.num_clients:
-            raise ConfigError(
-                "federation.clients_per_round",
-                f"{self.clients_per_round} exceeds federation.num_clients={self.num_clients}",
-            )
-        _positive("federation.rounds", self.rounds)
-        _positive("federation.local_epochs", self.local_epochs)
-        _positive("federation.batch_size", self.batch_size)
-        _positive("federation.lr", self.lr)
-        if self.lr > MAX_LR:
-            raise ConfigError("federation.lr", f"{self.lr} would diverge at once "
-                                               f"(at most {MAX_LR:g})")
-        _positive("federation.client_cpus", self.client_cpus)
-        _positive("federation.round_timeout_s", self.round_timeout_s)
-        _at_least("federation.evaluate_every", self.evaluate_every, 0)
-        _positive("federation.max_examples_per_client", self.max_examples_per_client)
-
-
-@dataclass(frozen=True)
-class StrategyConfig:
-    """The aggregation algorithm: FedAvg or FedProx with proximal weight ``mu``."""
-
-    name: str = _f("fedprox", "'fedprox' or 'fedavg' (plain local SGD: mu is 0)")
-    mu: float = _f(0.01, "FedProx proximal weight: loss + mu/2 * ||w - w_t||^2 (0 with fedavg)")
-    server_optimizer: str = _f("none", "'none', 'fedavgm', 'fedadam' or 'fedyogi': the server "
-                                       "step on the round's combined update (Reddi et al. 2021)")
-    server_lr: float = _f(0.0, "server learning rate eta (0: the optimizer's default: 1.0 "
-                               "fedavgm, 0.1 fedadam, 0.01 fedyogi)")
-    server_momentum: float = _f(0.9, "fedavgm: momentum beta")
-
-    def __post_init__(self) -> None:
-        # FedAvg is FedProx with mu = 0; resolve it here so summary.json shows what ran.
-        if self.name == "fedavg":
-            object.__setattr__(self, "mu", 0.0)
-
-    def check(self) -> None:
-        _choice("strategy.name", self.name, STRATEGY_NAMES)
-        _at_least("strategy.mu", self.mu, 0.0)
-        from fleetfl.aggregation.server_opt import RULES
-
-        _choice("strategy.server_optimizer", self.server_optimizer, RULES)
-        if not 0 <= self.server_lr <= MAX_LR:
-            raise ConfigError("strategy.server_lr", f"must be in [0, {MAX_LR:g}], got "
-                                                    f"{self.server_lr}")
-        if not 0 <= self.server_momentum < 1:
-            raise ConfigError("strategy.server_momentum", f"must be in [0, 1), got "
-                                                          f"{self.server_momentum}")
-
-
-@dataclass(frozen=True)
-class FleetConfig:
-    """The simulated devices: profile mix, stragglers, round deadline."""
-
-    mix: Mapping[str, float] = field(
-        default_factory=lambda: dict(DEFAULT_MIX),
-        metadata={"help": "device profiles and their weights, e.g. {rpi4 = 1, phone-mid = 2}"},
-    )
-    stragglers: float = _f(0.0, "fraction of each round's cohort that does only part of the work")
-    drop_stragglers: bool = _f(
-        False, "discard stragglers' partial work (FedAvg's behaviour in the FedProx paper)"
-    )
-    deadline_s: float = _f(0.0, "simulated seconds per round; 0 = no deadline")
-    seed: int = _f(0, "seed of device assignment, availability and straggler draws")
-    memory_budget_fraction: float = _f(
-        0.0, "share of each device's RAM its client process may use; 0 = the profile's own "
-        "budget (50 % of RAM on boards, 25 % on phones)")
-    runtime_memory_mib: float = _f(
-        DEFAULT_RUNTIME_BYTES / MIB, "MiB a client process holds before training (Python, "
-        "torch, Flower, model, data), reserved in every memory plan; a real device measures "
-        "its own")
-
-    def check(self) -> None:
-        try:
-            parse_mix(self.mix)
-        except ValueError as err:
-            raise ConfigError("fleet.mix", str(err)) from None
-        if not 0.0 <= self.stragglers <= 1.0:
-            raise ConfigError("fleet.stragglers", f"must be in [0, 1], got {self.stragglers}")
-        _at_least("fleet.deadline_s", self.deadline_s, 0.0)
-        if not 0.0 <= self.memory_budget_fraction <= 1.0:
-            raise ConfigError("fleet.memory_budget_fraction",
-                              f"must be in [0, 1], got {self.memory_budget_fraction}")
-        _at_least("fleet.runtime_memory_mib", self.runtime_memory_mib, 0.0)
-        _at_least("fleet.seed", self.seed, 0)
-
-    @property
-    def runtime_memory_bytes(self) -> int:
-        """``runtime_memory_mib`` in bytes."""
-        return round(self.runtime_memory_mib * MIB)
-
-
-@dataclass(frozen=True)
-class CompressionConfig:
-    """Pruning, int8 update transport, downlink precision and quantization-aware training."""
-
-    prune_final_sparsity: float = _f(0.0, "fraction of prunable weights pruned at the end (0-1)")
-    prune_start_round: int = _f(1, "first round of the cubic pruning schedule")
-    prune_end_round: int = _f(10, "round at which prune_final_sparsity is reached")
-    update_bits: int = _f(32, "uplink update precision: 8 (int8, shared clip) or 32 (float32)")
-    downlink_bits: int = _f(32, "global model precision on the downlink: 8, 16 or 32")
-    error_feedback: bool = _f(True, "clients re-send int8 rounding/clipping error next round")
-    qat: bool = _f(False, "fake-quant (per-channel int8 weights) during local training")
-    entropy_coding: bool = _f(True, "zlib the update and model blobs (lossless)")
-    initial_clip: float = _f(0.05, "shared int8 clip range of round 1; adapted every round")
-    clip_target: float = _f(1e-3, "fraction of update values the adapted clip range may clip")
-
-    def check(self) -> None:
-        if not 0.0 <= self.prune_final_sparsity < 1.0:
-            raise ConfigError("compression.prune_final_sparsity",
-                              f"must be in [0, 1), got {self.prune_final_sparsity}")
-        _positive("compression.prune_start_round", self.prune_start_round)
-        if self.prune_end_round < self.prune_start_round:
-            raise ConfigError("compression.prune_end_round",
-                              f"{self.prune_end_round} is before prune_start_round "
-                              f"{self.prune_start_round}")
-        _choice("compression.update_bits", str(self.update_bits), ("8", "32"))
-        _choice("compression.downlink_bits", str(self.downlink_bits), ("8", "16", "32"))
-        if not 1e-6 <= self.initial_clip <= 1e3:
-            raise ConfigError("compression.initial_clip", f"must be in [1e-6, 1e3], got "
-                              f"{self.initial_clip}")
-        if not 0.0 < self.clip_target < 1.0:
-            raise ConfigError("compression.clip_target", f"must be in (0, 1), got "
-                              f"{self.clip_target}")
-
-
-@dataclass(frozen=True)
-class SecAggConfig:
-    """Secure aggregation (SecAgg+): the coordinator learns only the cohort's sum."""
-
-    enabled: bool = _f(False, "SecAgg+ over the int8 updates (needs compression.update_bits = 8)")
-    num_neighbours: int = _f(0, "k, each client's neighbours in the masking graph (0: derived "
-                                "from the cohort size and the fractions below)")
-    threshold: int = _f(0, "t, Shamir shares needed to unmask a client (0: derived)")
-    corrupt_fraction: float = _f(0.1, "fraction of the cohort that may collude with the "
-                                      "coordinator and still not learn one client's update")
-    dropout_fraction: float = _f(0.3, "fraction of the cohort that may drop out mid-round and "
-                                      "the round still completes")
-
-    def check(self) -> None:
-        _at_least("secagg.num_neighbours", self.num_neighbours, 0)
-        _at_least("secagg.threshold", self.threshold, 0)
-        for key in ("corrupt_fraction", "dropout_fraction"):
-            value = getattr(self, key)
-            if not 0.0 <= value < 1.0:
-                raise ConfigError(f"secagg.{key}", f"must be in [0, 1), got {value}")
-
-
-ROBUST_RULES = ("mean", "trimmed_mean", "median")
-
-
-@dataclass(frozen=True)
-class AggregationConfig:
-    """How the coordinator combines the updates it can read (aggregation/robust.py)."""
-
-    clip_norm: float = _f(0.0, "clients clip their update to this L2 norm before sending it, "
-                               "and the coordinator scales down any readable update above it "
-                               "(0: off)")
-    norm_bound_ratio: float = _f(10.0, "the coordinator scales a readable update down to this "
-                                       "multiple of the round's median update norm (0: off)")
-    robust: str = _f("mean", "'mean' (weighted by examples), 'trimmed_mean' or 'median' "
-                             "(coordinate-wise, unweighted; not with secure aggregation)")
-    trim_fraction: float = _f(0.1, "trimmed_mean: fraction of largest and of smallest values "
-                                   "dropped per coordinate")
-
-    def check(self) -> None:
-        if not (math.isfinite(self.clip_norm) and self.clip_norm >= 0):
-            raise ConfigError("aggregation.clip_norm", f"must be >= 0, got {self.clip_norm}")
-        if not (self.norm_bound_ratio == 0 or 1 <= self.norm_bound_ratio < math.inf):
-            raise ConfigError("aggregation.norm_bound_ratio",
-                              f"must be 0 (off) or >= 1, got {self.norm_bound_ratio}")
-        _choice("aggregation.robust", self.robust, ROBUST_RULES)
-        if not 0 <= self.trim_fraction < 0.5:
-            raise ConfigError("aggregation.trim_fraction",
-                              f"must be in [0, 0.5), got {self.trim_fraction}")
-
-
-@dataclass(frozen=True)
-class OutputConfig:
-    """Where results go and how progress is shown."""
-
-    dir: str = _f("runs/latest", "output directory (--out overrides)")
-    progress: bool = _f(True, "a progress bar on the terminal")
-    plot: bool = _f(True, "write report.png")
-
-    def check(self) -> None:
-        if not self.dir:
-            raise ConfigError("output.dir", "must not be empty")
-        if Path(self.dir).expanduser().exists() and not Path(self.dir).expanduser().is_dir():
-            raise ConfigError("output.dir", f"{self.dir} exists and is not a directory")
-
-
 @dataclass(frozen=True)
 class Config:
     """The whole resolved configuration of a run."""
@@ -339,22 +101,6 @@ _SECTION_TYPES = get_type_hints(Config)
 
 def _plain(value: Any) -> Any:
     return dict(value) if isinstance(value, Mapping) else value
-
-
-def _choice(key: str, value: str, valid: Iterable[str]) -> None:
-    valid = tuple(valid)
-    if value not in valid:
-        raise ConfigError(key, f"{value!r} is not one of {', '.join(map(repr, valid))}")
-
-
-def _positive(key: str, value: float) -> None:
-    if not value > 0:
-        raise ConfigError(key, f"must be > 0, got {value}")
-
-
-def _at_least(key: str, value: float, low: float) -> None:
-    if not value >= low:
-        raise ConfigError(key, f"must be >= {low}, got {value}")
 
 
 def _coerce(key: str, value: Any, expected: Any) -> Any:
