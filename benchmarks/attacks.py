@@ -68,7 +68,8 @@ def run(overrides: list[str], **grid: Any) -> tuple[RunOutcome, float]:
     cfg = load_config(None, overrides)
     outcome = RunOutcome()
     started = time.perf_counter()
-    run_rounds(LoopbackGrid(cfg.federation.num_clients, **grid), cfg, outcome)
+    run_rounds(LoopbackGrid(cfg.federation.num_clients, errors_as_replies=True, **grid), cfg,
+               outcome)
     return outcome, time.perf_counter() - started
 
 
@@ -124,6 +125,7 @@ def summary(outcome: RunOutcome) -> dict[str, float]:
     last = outcome.rows[-1]
     return {"final_accuracy": round(float(last["accuracy"]), 4),
             "final_loss": float(last["loss"]),
+            "failed_client_rounds": sum(int(r["failed"]) for r in outcome.rows),
             "norm_bounded": sum(int(r["norm_bounded"]) for r in outcome.rows),
             "secagg_refused": sum(int(r["secagg_refused"]) for r in outcome.rows),
             "max_clip": max(float(r["clip"]) for r in outcome.rows)}

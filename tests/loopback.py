@@ -26,10 +26,14 @@ class LoopbackGrid:
     def __init__(self, num_clients: int, tamper: dict[int, Tamper] | None = None,
                  crash: Iterable[int] = (),
                  silent: Callable[[Message], bool] | None = None,
-                 tamper_query: dict[int, Tamper] | None = None) -> None:
+                 tamper_query: dict[int, Tamper] | None = None,
+                 errors_as_replies: bool = False) -> None:
         self.nodes = {1000 + i: i for i in range(num_clients)}
         self.tamper = tamper or {}
         self.tamper_query = tamper_query or {}
+        # As Flower's runtime does: a ClientApp that raises answers with an error reply.
+        # Off by default, so that a test sees a client's exception.
+        self.errors_as_replies = errors_as_replies
         self.crash = set(crash)
         self.silent = silent  # True for a message whose node never answers (it vanished)
         self.sent: list[Message] = []
@@ -57,7 +61,13 @@ class LoopbackGrid:
             if index in self.crash and msg.metadata.message_type == "train":
                 replies.append(Message(Error(code=1, reason="device crashed"), reply_to=msg))
                 continue
-            reply = client_app(msg, self.contexts[node])
+            try:
+                reply = client_app(msg, self.contexts[node])
+            except Exception as err:  # noqa: BLE001 - see errors_as_replies
+                if not self.errors_as_replies:
+                    raise
+                replies.append(Message(Error(code=0, reason=repr(err)), reply_to=msg))
+                continue
             if index in self.tamper and msg.metadata.message_type == "train":
                 reply = self.tamper[index](reply)
             if index in self.tamper_query and msg.metadata.message_type == "query":
