@@ -114,8 +114,8 @@ class ModelTransport:
                                  scale=int8_scale(self.clip) if int8 else None)
         update = decode_update(blob, max_bytes=update_size(expected), expected=expected,
                                expected_round=self._round, expected_mask_id=self.mask_id)
-        # Clamped as honest clients clamp them: one client reporting "everything clipped"
-        # counts at most TAIL_COUNT_MAX per level, too few to widen the cohort's range alone.
+        # Clamped as honest clients clamp them, then combined with a trimmed mean at
+        # end_round: one client reporting "everything clipped" cannot widen the range alone.
         counts = TailCounts.from_list(tail).clamped(TAIL_COUNT_MAX) if int8 else empty_tail()
         kept = sum(e.count for e in expected.values())
         if int8 and counts.total != kept:
