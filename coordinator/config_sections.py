@@ -77,6 +77,10 @@ class FederationConfig:
                                 "evaluates the global model on its local test splits (0: never)")
     max_examples_per_client: int = _f(1_000_000, "a client's claimed example count is capped "
                                                  "here (it weights the client's update)")
+    min_clients: int = _f(1, "a round starts only when this many devices are registered "
+                             "(the coordinator waits, logging it; never a round of 0)")
+    round_wait_s: float = _f(600.0, "wall seconds a round waits for federation.min_clients "
+                                    "devices before the run stops with an error")
 
     def check(self) -> None:
         _positive("federation.num_clients", self.num_clients)
@@ -100,6 +104,12 @@ class FederationConfig:
         _positive("federation.round_timeout_s", self.round_timeout_s)
         _at_least("federation.evaluate_every", self.evaluate_every, 0)
         _positive("federation.max_examples_per_client", self.max_examples_per_client)
+        _positive("federation.min_clients", self.min_clients)
+        if self.min_clients > self.num_clients:
+            raise ConfigError("federation.min_clients", f"{self.min_clients} exceeds "
+                                                        f"federation.num_clients="
+                                                        f"{self.num_clients}")
+        _positive("federation.round_wait_s", self.round_wait_s)
 
 
 @dataclass(frozen=True)

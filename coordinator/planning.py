@@ -57,6 +57,8 @@ class PlanSettings:
     # Simulation: each profile's availability decides who is online in a round. Deployment:
     # False, a real device is online when its node is connected (FleetRegistry.refresh).
     simulated_availability: bool = True
+    min_clients: int = 1  # a round waits for this many registered nodes (FleetRegistry.wait_for)
+    round_wait_s: float = 600.0  # ... at most this long (wall seconds)
 
 
 @dataclass(frozen=True)

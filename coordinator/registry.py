@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
@@ -32,6 +35,10 @@ class ClientInfo:
     num_examples: int
 
 
+class FleetTooSmall(RuntimeError):
+    """Fewer devices than ``federation.min_clients`` registered within the wait."""
+
+
 class FleetRegistry:
     """Registers nodes as they appear; a node that fails to register is retried next time."""
 
@@ -46,6 +53,26 @@ class FleetRegistry:
     def clients(self) -> list[ClientInfo]:
         """Registered clients, ordered by fleet index."""
         return sorted(self._clients.values(), key=lambda c: c.index)
+
+    def wait_for(self, grid: Grid, min_clients: int, wait_s: float, poll_s: float = 1.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        """Refresh until ``min_clients`` nodes are registered, logging every ~10 s while it
+        waits; raise :class:`FleetTooSmall` after ``wait_s`` seconds."""
+        deadline, said = clock() + wait_s, -math.inf
+        self.refresh(grid)
+        while len(self._clients) < min_clients:
+            now = clock()
+            if now >= deadline:
+                raise FleetTooSmall(f"{len(self._clients)} of federation.min_clients = "
+                                    f"{min_clients} devices registered after {wait_s:g} s "
+                                    f"(federation.round_wait_s)")
+            if now - said >= 10.0:
+                log.warning("waiting for devices: %d of %d registered "
+                            "(federation.min_clients), %.0f s left", len(self._clients),
+                            min_clients, deadline - now)
+                said = now
+            time.sleep(poll_s)
+            self.refresh(grid)
 
     def refresh(self, grid: Grid) -> None:
         """Forget nodes that left; query every connected node not yet registered."""

@@ -101,6 +101,8 @@ def run_rounds(grid: Grid, config: Config, outcome: RunOutcome,
         memory=MemorySettings(memory_stats, config.fleet.memory_budget_fraction,
                               config.fleet.runtime_memory_bytes),
         simulated_availability=not deployed,
+        min_clients=fed.min_clients,
+        round_wait_s=fed.round_wait_s,
     )
     comp = config.compression
     transport = ModelTransport(

@@ -24,6 +24,7 @@ import ctypes
 import fcntl
 import json
 import os
+import re
 import secrets
 import signal
 import subprocess
@@ -183,6 +184,28 @@ def superexec_argv(settings: ServiceSettings) -> list[str]:
     return [*argv, "--root-certificates", str(settings.tls.ca)]
 
 
+# ServerApp log lines an operator must see on the console, not only in serverapp.log.
+ECHOED = ("waiting for devices", "refused: invalid registration", "FleetTooSmall")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+class _Echo:
+    """A text sink that writes to ``file`` and says the lines containing one of ``ECHOED``."""
+
+    def __init__(self, file: IO[str], say: Callable[[str], None]) -> None:
+        self._file, self._say = file, say
+
+    def write(self, text: str) -> int:
+        for line in text.splitlines():
+            if any(key in line for key in ECHOED):
+                plain = _ANSI.sub("", line)  # Flower colours its level names
+                self._say(plain.split("WARNING", 1)[-1].strip(" :"))
+        return self._file.write(text)
+
+    def flush(self) -> None:
+        self._file.flush()
+
+
 class LogSaver:
     """A thread appending a run's ServerApp log to ``STATE/logs/serverapp.log``.
 
@@ -190,8 +213,9 @@ class LogSaver:
     other logs survives the SuperLink and is where an operator looks first.
     """
 
-    def __init__(self, settings: ServiceSettings, run_id: int) -> None:
-        self.settings, self.run_id = settings, run_id
+    def __init__(self, settings: ServiceSettings, run_id: int,
+                 say: Callable[[str], None] | None = None) -> None:
+        self.settings, self.run_id, self._say = settings, run_id, say
         ca = settings.tls.ca if settings.tls else None
         # Made here, in the main thread: it sets FLWR_HOME and briefly captures stdout.
         self._client = ControlClient(settings.local_address, ca, settings.path("flwr"))
@@ -201,8 +225,9 @@ class LogSaver:
 
     def _run(self) -> None:
         after = 0.0
-        with open(self.settings.path("logs", "serverapp.log"), "a") as out:
-            out.write(f"--- run {self.run_id} ---\n")
+        with open(self.settings.path("logs", "serverapp.log"), "a") as file:
+            file.write(f"--- run {self.run_id} ---\n")
+            out = _Echo(file, self._say) if self._say is not None else file
             while not self._stop.is_set():
                 after = self._client.stream_logs(self.run_id, out, after)
                 out.flush()  # a coordinator killed -9 keeps what it had logged
@@ -274,7 +299,7 @@ class Coordinator:
                      f"{self.settings.authorized_clients})")
         self._spawn("superexec", superexec_argv(self.settings))
         run_id = self.control.start_run(build_fab(config))
-        self.log_saver = LogSaver(self.settings, run_id)
+        self.log_saver = LogSaver(self.settings, run_id, self.say)
         return run_id
 
     def status(self, run_id: int) -> RunInfo:

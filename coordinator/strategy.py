@@ -144,7 +144,7 @@ class FleetFedProx(FedProx):
     ) -> Iterable[Message]:
         """Register new nodes, sample the cohort, and send each client its own plan."""
         server_round += self.round_offset
-        self.registry.refresh(grid)
+        self.registry.wait_for(grid, self.settings.min_clients, self.settings.round_wait_s)
         config[P.SERVER_ROUND] = server_round
         config[P.PROXIMAL_MU] = self.proximal_mu
         self._keys = list(arrays.keys())

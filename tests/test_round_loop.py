@@ -204,3 +204,35 @@ def test_int8_clip_range_adapts_to_the_updates():
     clips = [r["clip"] for r in outcome.rows]
     assert clips[0] == 10.0 and clips[-1] < clips[0] / 4  # shrinks toward |Δ|'s high quantile
     assert outcome.rows[-1]["loss"] < outcome.initial["loss"]
+
+
+class _Arriving(LoopbackGrid):
+    """Nodes connect one more at each look (devices starting after the coordinator)."""
+
+    def __init__(self, num_clients: int, present: int) -> None:
+        super().__init__(num_clients)
+        self.all_nodes, self.present = dict(self.nodes), present
+
+    def get_node_ids(self) -> list[int]:
+        self.present = min(self.present + 1, len(self.all_nodes))
+        return list(self.all_nodes)[: self.present]
+
+
+def test_a_round_waits_for_min_clients_and_never_runs_empty(caplog):
+    cfg = load_config(None, [*SMALL, "federation.min_clients=4", "federation.rounds=1",
+                             "federation.clients_per_round=4"])
+    outcome, grid = RunOutcome(), _Arriving(10, present=-1)  # nobody at first
+    with caplog.at_level("WARNING"):
+        run_rounds(grid, cfg, outcome)
+    assert outcome.rows[0]["selected"] == 4  # drawn among the 4 that had arrived
+    assert "waiting for devices: 0 of 4 registered" in caplog.text
+
+
+def test_too_few_devices_within_the_wait_stop_the_run():
+    from fleetfl.coordinator.registry import FleetTooSmall
+
+    cfg = load_config(None, [*SMALL, "federation.min_clients=3", "federation.round_wait_s=1.5"])
+    grid = LoopbackGrid(10)
+    grid.get_node_ids = lambda: [1000]  # one device only
+    with pytest.raises(FleetTooSmall, match="1 of federation.min_clients = 3"):
+        run_rounds(grid, cfg, RunOutcome())

@@ -127,6 +127,7 @@ class Deployment:
         keys = self.root / "keys"
         sets = [f"federation.rounds={ROUNDS}", "federation.num_clients=3",
                 "federation.clients_per_round=3", f"federation.round_timeout_s={ROUND_TIMEOUT_S}",
+                "federation.min_clients=2",  # secure aggregation needs 2; device 2 dies
                 *EXTRA_SET]
         return self.spawn(name, "coordinator", "start", "--state", str(self.root / "state"),
                           "--address", f"127.0.0.1:{self.port}",

@@ -212,3 +212,17 @@ def test_flowers_app_processes_import_user_tasks_from_where_fleetfl_started(
         done = subprocess.run([sys.executable, "-c", probe], cwd="/", env=env,
                               capture_output=True, text=True, check=False)
         assert done.returncode == 0, done.stderr
+
+
+def test_the_console_echoes_the_serverapps_waiting_and_refusal_lines() -> None:
+    from fleetfl.coordinator.service import _Echo
+
+    said: list[str] = []
+    sink = io.StringIO()
+    echo = _Echo(sink, said.append)
+    echo.write("\x1b[92mINFO \x1b[0m:      [ROUND 1/3]\n"
+               "\x1b[93mWARNING \x1b[0m:   waiting for devices: 1 of 3 registered "
+               "(federation.min_clients), 590 s left\n")
+    assert said == ["waiting for devices: 1 of 3 registered (federation.min_clients), "
+                    "590 s left"]
+    assert "[ROUND 1/3]" in sink.getvalue()  # the file keeps everything
