@@ -4,7 +4,7 @@ Digits CNN, 20 clients, 10 per round, 30 rounds (as issue 12 asks). The attacker
 2 or 4 of the 20 clients (about 1 or 2 per round of 10); each lies in every round it is
 selected. Each attack runs with the defence on and off:
 
-* ``huge``: float32 updates of 1e30 (valid blobs); defence ``aggregation.norm_bound_ratio=10``
+* ``huge``: float32 updates of 1e30 (valid blobs); defence ``aggregation.norm_bound_ratio=3``
   (off: 0).
 * ``count``: int8, registering 2^62 examples; defence ``federation.max_examples_per_client`` =
   the largest honest shard (off: the default 10^6).

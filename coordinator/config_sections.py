@@ -251,7 +251,7 @@ class AggregationConfig:
     clip_norm: float = _f(0.0, "clients clip their update to this L2 norm before sending it, "
                                "and the coordinator scales down any readable update above it "
                                "(0: off)")
-    norm_bound_ratio: float = _f(10.0, "the coordinator scales a readable update down to this "
+    norm_bound_ratio: float = _f(3.0, "the coordinator scales a readable update down to this "
                                        "multiple of the round's median update norm (0: off)")
     robust: str = _f("mean", "'mean' (weighted by examples), 'trimmed_mean' or 'median' "
                              "(coordinate-wise, unweighted; not with secure aggregation)")
