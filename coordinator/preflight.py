@@ -78,7 +78,7 @@ def check_simulation(config: Config) -> None:
         raise ConfigError("federation.client_cpus", f"{fed.client_cpus:g} CPUs per client, but "
                                                     f"this machine has {cpus}: no simulated "
                                                     f"client could be scheduled")
-    profiles = [get_profile(name) for name in parse_mix(fleet.mix)]
+    profiles = [get_profile(name) for name, w in parse_mix(fleet.mix).items() if w > 0]
     budgets = [p.ram_bytes * fleet.memory_budget_fraction if fleet.memory_budget_fraction
                else p.memory_budget_bytes for p in profiles]
     if fleet.runtime_memory_bytes >= max(budgets):
