@@ -54,9 +54,11 @@ def clip_weights(weights: dict[str, np.ndarray], base: dict[str, np.ndarray],
     """A client's side of ``aggregation.clip_norm``: its new weights moved back towards
     ``base`` so that ‖weights − base‖₂ <= ``clip_norm`` (float tensors only; unchanged if
     already inside or ``clip_norm`` is 0)."""
+    if clip_norm <= 0:
+        return weights
     keys = [k for k in weights if np.issubdtype(weights[k].dtype, np.floating)]
     norm = l2_norm([weights[k] - base[k] for k in keys])
-    if clip_norm <= 0 or norm <= clip_norm:
+    if norm <= clip_norm:
         return weights
     f = clip_norm / norm
     return {**weights, **{k: (base[k] + f * (weights[k] - base[k])).astype(weights[k].dtype)
@@ -90,9 +92,8 @@ def trimmed_tail_sum(tails: Sequence[TailCounts], beta: float) -> TailCounts:
     cut = math.ceil(beta * n) if n >= 3 and beta > 0 else 0
     counts = np.sort(np.array([t.above for t in tails], dtype=np.float64), axis=0)
     kept = counts[cut : n - cut]
-    above = tuple(int(round(n * v)) for v in kept.mean(axis=0))
-    return TailCounts(sum(t.total for t in tails), tuple(min(a, sum(t.total for t in tails))
-                                                          for a in above))
+    total = sum(t.total for t in tails)
+    return TailCounts(total, tuple(min(int(round(n * v)), total) for v in kept.mean(axis=0)))
 
 
 def coordinate_median(updates: Sequence[Update]) -> list[np.ndarray]:

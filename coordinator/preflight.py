@@ -70,6 +70,7 @@ def check_simulation(config: Config) -> None:
     import os
 
     from fleetfl.devices.fleet import parse_mix
+    from fleetfl.devices.memory_planner import memory_budget_bytes
     from fleetfl.devices.profiles import get_profile
 
     fed, fleet = config.federation, config.fleet
@@ -78,9 +79,8 @@ def check_simulation(config: Config) -> None:
         raise ConfigError("federation.client_cpus", f"{fed.client_cpus:g} CPUs per client, but "
                                                     f"this machine has {cpus}: no simulated "
                                                     f"client could be scheduled")
-    profiles = [get_profile(name) for name, w in parse_mix(fleet.mix).items() if w > 0]
-    budgets = [p.ram_bytes * fleet.memory_budget_fraction if fleet.memory_budget_fraction
-               else p.memory_budget_bytes for p in profiles]
+    budgets = [memory_budget_bytes(get_profile(name), fleet.memory_budget_fraction)
+               for name, weight in parse_mix(fleet.mix).items() if weight > 0]
     if fleet.runtime_memory_bytes >= max(budgets):
         raise ConfigError("fleet.runtime_memory_mib",
                           f"{fleet.runtime_memory_mib:g} MiB leaves no memory to train on any "

@@ -118,7 +118,7 @@ class SecureFleetFedProx(FleetFedProx):
                         stats.server_round, problem)
             return None
         self.transport.record_tail(TailCounts(self.transport.kept_count * len(survivors),
-                                              tuple(int(t) for t in tail)), len(survivors))
+                                              tuple(int(t) for t in tail)))
         return self._mean_from_sum(self.transport.scatter(values), survivors)
 
     def _exchange(self, requests: Mapping[int, Any]) -> dict[int, ConfigRecord]:

@@ -139,10 +139,10 @@ class ModelTransport:
         self.clip = float(clip)
         self._holds.clear()
 
-    def record_tail(self, counts: TailCounts, clients: int) -> None:
-        """Add the summed tail counts of ``clients`` clients (secure aggregation: they arrive
-        in the sum), each level clamped to what that many honest clients can report."""
-        self._tail = self._tail + counts.clamped(TAIL_COUNT_MAX * clients)
+    def record_tail(self, counts: TailCounts) -> None:
+        """Add a cohort's summed tail counts (secure aggregation: they arrive in the sum; a
+        sum beyond what honest clients can report was refused before, ``sum_bounds``)."""
+        self._tail = self._tail + counts
 
     @property
     def kept_count(self) -> int:
