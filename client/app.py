@@ -1,32 +1,23 @@
 """fleetfl's ClientApp: registration and FedProx local training on Flower's Message API.
 
 The same app runs in Flower's simulation engine (one virtual SuperNode per client, identified by
-``node_config["partition-id"]``) and, unchanged, inside a SuperNode on a device.
+``node_config["partition-id"]``) and, unchanged, inside a SuperNode on a device. This module
+imports no torch: a device answers the coordinator's ``register`` query (and the secure
+aggregation stages) without it, so it registers in about a second after it connects; the
+training and evaluation handlers (:mod:`fleetfl.client.training`) import torch on first use.
 """
 
 from __future__ import annotations
 
 import json
-import logging
-from collections.abc import Callable
 
-import numpy as np
-import torch
-from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from fleetfl import protocol as P
-from fleetfl.aggregation.robust import clip_weights
-from fleetfl.client import memory, secure
-from fleetfl.client.local import LocalTask, load_local_task, task_settings
-from fleetfl.client.solver import fedprox_train
-from fleetfl.client.transport import kept_values, pack_update, quantize_update, receive_model
-from fleetfl.compression.masks import apply_masks_torch_
-from fleetfl.compression.qat import enable_qat
-from fleetfl.devices.workplan import WorkPlan
-from fleetfl.tasks.task import Task, evaluate_task
-
-log = logging.getLogger(__name__)
+from fleetfl.client import secure
+from fleetfl.client.local import load_local_task, task_settings
+from fleetfl.tasks.task import Task
 
 
 def client_app(task: Task | None = None) -> ClientApp:
@@ -45,6 +36,8 @@ def client_app(task: Task | None = None) -> ClientApp:
 
     @client.train()
     def _train(msg: Message, context: Context) -> Message:
+        from fleetfl.client.training import train
+
         return train(msg, context, task)
 
     @client.query("secagg")
@@ -53,6 +46,8 @@ def client_app(task: Task | None = None) -> ClientApp:
 
     @client.evaluate()
     def _evaluate(msg: Message, context: Context) -> Message:
+        from fleetfl.client.training import evaluate
+
         return evaluate(msg, context, task)
 
     return client
@@ -74,110 +69,11 @@ def query(msg: Message, context: Context, task: Task | None = None) -> Message:
     return Message(RecordDict({P.CONFIG: reply}), reply_to=msg)
 
 
-def train(msg: Message, context: Context, task: Task | None = None) -> Message:
-    """Run this client's work plan of FedProx local SGD from the received global model, or
-    refuse it, without training, when its memory plan does not fit this device."""
-    cfg = msg.content[P.CONFIG]
-    device = memory.is_real_device(context.node_config)
-    if device:
-        memory.prepare_device_process()
-    local = load_local_task(task_settings(cfg), context.node_config, task)
-    plan = WorkPlan.from_config(cfg)
-    server_round = int(cfg[P.SERVER_ROUND])
-    model = local.fresh_model()
-    fit = memory.decide(cfg, local, min(plan.batch_size, local.num_examples), measure=device)
-    if fit.refusal is not None:
-        log.warning("round %d: refusing the work plan: %s", server_round, fit.refusal)
-        return Message(Error(code=P.ERROR_PLAN_REFUSED, reason=fit.refusal), reply_to=msg)
-    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    received = receive_model(msg.content[P.PAYLOAD][P.MODEL_BLOB], shapes, server_round,
-                             context.state)
-    model.load_state_dict({k: torch.from_numpy(v) for k, v in received.weights.items()})
-    keep_pruned = _mask_hook(model, received.masks)
-    qat = enable_qat(model) if bool(cfg["compression.qat"]) else None
-    result = fedprox_train(
-        model,
-        local.x_train,
-        local.y_train,
-        mu=float(cfg[P.PROXIMAL_MU]),
-        lr=float(cfg[P.LR]),
-        batch_size=plan.batch_size,
-        steps=plan.steps_for(len(local.y_train)),
-        seed=_round_seed(local, server_round),
-        post_step=keep_pruned,
-        micro_batch=fit.micro_batch,
-        checkpointing=fit.checkpointing,
-        loss_fn=local.task.loss,
-    )
-    if qat is not None:
-        qat.remove()
-    weights = clip_weights({k: v.detach().numpy() for k, v in model.state_dict().items()},
-                           received.weights, float(cfg.get("aggregation.clip_norm", 0.0)))
-    metrics: dict[str, int | float | list[int]] = {
-        P.NUM_EXAMPLES: len(local.y_train),
-        P.SAMPLES_PROCESSED: result.samples,
-        P.STEPS: result.steps,
-        P.TRAIN_LOSS: result.mean_loss,
-    }
-    quantization = {
-        "clip": float(cfg[P.CLIP]), "error_feedback": bool(cfg["compression.error_feedback"]),
-        "rng": np.random.default_rng([local.seed, local.index, server_round]),
-        "state": context.state, "weight": float(cfg.get(P.UPDATE_WEIGHT, 1.0)),
-    }
-    request = msg.content.config_records.get(P.SECAGG)
-    if request is not None:
-        # Secure aggregation: only the masked int8 vector leaves, tail counts inside it.
-        q, tail = quantize_update(weights, received, **quantization)  # type: ignore[arg-type]
-        tail = tail.clamped(secure.TAIL_COUNT_MAX)
-        vector = secure.secure_vector(kept_values(q, received.masks), tail)
-        masked = secure.masked_update(request, vector, context)
-        reply = RecordDict({P.SECAGG: masked, P.METRICS: MetricRecord(metrics)})
-        return Message(reply, reply_to=msg)
-    blob, tail = pack_update(weights, received, bits=int(cfg["compression.update_bits"]),
-                             entropy_coding=bool(cfg["compression.entropy_coding"]),
-                             **quantization)  # type: ignore[arg-type]
-    metrics[P.CLIP_TAIL] = tail.clamped(secure.TAIL_COUNT_MAX).to_list()
-    reply = RecordDict({P.PAYLOAD: ConfigRecord({P.UPDATE_BLOB: blob}),
-                        P.METRICS: MetricRecord(metrics)})  # type: ignore[arg-type]
-    return Message(reply, reply_to=msg)
-
-
-def evaluate(msg: Message, context: Context, task: Task | None = None) -> Message:
-    """Federated evaluation: the global model (``arrays``) on this client's local test split.
-
-    Replies ``metrics`` with ``num-examples`` (test examples) and the task's ``loss`` and
-    metrics; a client without a test split replies with an error (it is left out).
-    """
-    cfg = msg.content[P.CONFIG]
-    local = load_local_task(task_settings(cfg), context.node_config, task)
-    if local.test is None or len(local.test) == 0:
-        raise ValueError("this client has no local test split (x_test/y_test)")
-    model = local.fresh_model()
-    model.load_state_dict(msg.content[P.ARRAYS].to_torch_state_dict())
-    values = evaluate_task(local.task, model, torch.from_numpy(local.test.x),
-                           torch.from_numpy(local.test.y))
-    metrics = MetricRecord({P.NUM_EXAMPLES: len(local.test), **values})
-    return Message(RecordDict({P.METRICS: metrics}), reply_to=msg)
-
-
 def secagg(msg: Message, context: Context) -> Message:
     """Stages 1, 2 and 4 of secure aggregation (keys, shares, unmasking); see client/secure.py."""
     record = secure.answer(msg.content[P.SECAGG], context)
     return Message(RecordDict({P.SECAGG: record}), reply_to=msg)
 
-
-def _mask_hook(model: torch.nn.Module, masks: dict[str, np.ndarray]) -> Callable[[], None] | None:
-    """A post-step hook that keeps pruned weights exactly zero (``None`` if nothing is pruned)."""
-    if not masks:
-        return None
-    params = dict(model.named_parameters())
-    torch_masks = {k: torch.from_numpy(m) for k, m in masks.items()}
-    return lambda: apply_masks_torch_(params, torch_masks)
-
-
-def _round_seed(local: LocalTask, server_round: int) -> int:
-    """Mini-batch order seed: distinct per client and round, reproducible across reruns."""
-    return (local.seed * 1_000_003 + local.index * 7919 + server_round) % (2**31)
 
 
 app = client_app()

@@ -5,12 +5,20 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
 from fleetfl.client.daemon import ClientSettings, prepare, run_supernode
 
-DEFAULT_WORKDIR = Path.home() / ".local" / "share" / "fleetfl" / "client"
+WORKDIR_ROOT = Path.home() / ".local" / "share" / "fleetfl" / "clients"
+
+
+def default_workdir(data: Path) -> Path:
+    """One work directory per data file, so clients sharing a host keep apart their device
+    profile, saved state and Flower cache: ``WORKDIR_ROOT/<stem>-<crc32 of the path>``."""
+    path = data.expanduser().resolve()
+    return WORKDIR_ROOT / f"{path.stem}-{zlib.crc32(str(path).encode()):08x}"
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -37,13 +45,27 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                             "coordinator; from `fleetfl keys client`")
     start.add_argument("--index", type=int, metavar="N",
                        help="this client's index in the fleet (default: a hash of host and data)")
-    start.add_argument("--workdir", default=str(DEFAULT_WORKDIR), metavar="DIR",
-                       help=f"device profile and Flower's app cache (default {DEFAULT_WORKDIR})")
+    start.add_argument("--workdir", metavar="DIR",
+                       help=f"device profile, saved state and Flower's cache (default: one "
+                            f"directory per data file under {WORKDIR_ROOT})")
+    start.add_argument("--task", metavar="NAME",
+                       help="the run's task.name (a built-in or module:attribute): check that "
+                            "the data fits it before connecting (default: checked when the "
+                            "coordinator first names the task)")
+    start.add_argument("--task-params", default="{}", metavar="JSON",
+                       help="the run's task.params, with --task")
+    start.add_argument("--threads", type=int, default=1, metavar="N",
+                       help="torch/BLAS threads for local training (default 1, as Flower's "
+                            "apps; raise it on a device that runs one client per board)")
+    start.add_argument("--poll", type=float, default=0.5, metavar="SECONDS",
+                       help="how often an idle device asks the coordinator for work, in "
+                            "(0, 3] (default 0.5; Flower's is 3)")
     start.add_argument("--runtime-port", type=int, default=0, metavar="PORT",
                        help="local port of the SuperNode's Runtime API (default: a free one)")
     start.add_argument("--retries", type=int, metavar="N",
-                       help="give up after N failed connection attempts in a row (default: "
-                            "keep trying, e.g. while the coordinator restarts)")
+                       help="give up after N failed connection attempts in a row, whatever "
+                            "the reason (default: keep trying, e.g. while the coordinator "
+                            "restarts)")
     probe = sub.add_parser("probe", help="measure this machine and print its device profile")
     probe.add_argument("--seconds", type=float, default=1.0, help="benchmark duration")
     return client
@@ -76,15 +98,27 @@ def settings_from_args(args: argparse.Namespace) -> ClientSettings:
             raise ValueError(f"{flag} {value}: no such file")
     if args.auth_key:
         check_auth_key(Path(args.auth_key).expanduser())
+    if args.threads < 1:
+        raise ValueError(f"--threads {args.threads}: must be at least 1")
+    if not 0 < args.poll <= 3:
+        raise ValueError(f"--poll {args.poll}: must be in (0, 3] seconds")
+    if args.retries is not None and args.retries < 0:
+        raise ValueError(f"--retries {args.retries}: must be 0 or more")
+    try:
+        json.loads(args.task_params)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"--task-params: not JSON ({err})") from None
 
     def path(value: str | None) -> Path | None:
         return Path(value).expanduser().resolve() if value else None
 
+    data = Path(args.data).expanduser().resolve()
+    workdir = Path(args.workdir).expanduser().resolve() if args.workdir else default_workdir(data)
     return ClientSettings(
-        coordinator=args.coordinator, data=Path(args.data).expanduser().resolve(),
-        device=args.device, tls_ca=path(args.tls_ca), auth_key=path(args.auth_key),
-        workdir=Path(args.workdir).expanduser().resolve(), index=args.index,
-        runtime_port=args.runtime_port)
+        coordinator=args.coordinator, data=data, device=args.device, tls_ca=path(args.tls_ca),
+        auth_key=path(args.auth_key), workdir=workdir, index=args.index,
+        runtime_port=args.runtime_port, threads=args.threads, poll_s=args.poll,
+        task=args.task, task_params=args.task_params)
 
 
 def main(argv: Sequence[str]) -> int:

@@ -11,8 +11,8 @@ Two kinds of client, told apart by the SuperNode's ``node_config``:
   (probe once, cached in ``$FLEETFL_DEVICE_CACHE`` or ``~/.cache/fleetfl/device.json``).
   ``client-index`` optionally fixes the client's index in the fleet.
 
-A deployed SuperNode starts a fresh process for every message, so this module imports no torch
-and no scikit-learn at module level: the ``register`` query needs only numpy.
+This module imports no torch and no scikit-learn at module level: the ``register`` query needs
+only numpy.
 """
 
 from __future__ import annotations
@@ -132,7 +132,8 @@ def load_local_task(settings: TaskSettings, node_config: Mapping[str, Any],
     task = task if task is not None else settings.task()
     if DATA_PATH in node_config:
         index = node_config.get(CLIENT_INDEX)
-        return _load_device(settings, task, str(node_config[DATA_PATH]),
+        data_path = str(node_config[DATA_PATH])
+        return _load_device(settings, task, data_path, _stamp(data_path),
                             str(node_config.get(DEVICE, AUTO)),
                             None if index is None else int(index))
     if PARTITION_ID not in node_config:
@@ -141,8 +142,20 @@ def load_local_task(settings: TaskSettings, node_config: Mapping[str, Any],
     return _load_partition(settings, task, int(node_config[PARTITION_ID]))
 
 
-def _load_device(settings: TaskSettings, task: Task, data_path: str, device: str,
-                 index: int | None) -> LocalTask:
+def _stamp(path: str) -> tuple[int, int]:
+    """(mtime in ns, size in bytes) of ``path``: a changed file is read again."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return (0, 0)  # the load below reports the error
+    return (stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=2)
+def _load_device(settings: TaskSettings, task: Task, data_path: str, stamp: tuple[int, int],
+                 device: str, index: int | None) -> LocalTask:
+    """A device's shard and profile, read once per process (a persistent device process
+    answers every message of a run) and again when the file changes."""
     data, test = task.load_local(data_path), task.load_local_test(data_path)
     for split in (data, test) if test is not None else (data,):
         check_task(split, data_path, task.input_shape, task.num_classes)

@@ -1,29 +1,43 @@
-"""``flower-supernode`` with a 10-second heartbeat, so a dead device is noticed within 20 s.
+"""``flower-supernode`` tuned for a device: one process, a fast poll, a 10-second heartbeat.
 
-A SuperNode promises the SuperLink a heartbeat every ``HEARTBEAT_DEFAULT_INTERVAL`` seconds
-(30 in Flower 1.42) and the SuperLink declares the node offline after ``HEARTBEAT_PATIENCE``
-(2) intervals without one; only then does it answer the node's pending messages with "node
-unavailable" in the node's name. A device that loses power mid-round therefore holds the round
-for up to 60 s. Flower has no flag for the interval, so this launcher sets the two module
-globals that carry it, then runs the unmodified ``flower-supernode`` entry point:
+``python -m fleetfl.client.supernode [--state-dir DIR] [--poll-s S] [flower-supernode args]``
+runs the unmodified ``flower-supernode`` entry point after three changes, each isolated here
+and checked against the pinned Flower by ``tests/test_supernode.py``:
 
-* ``flwr.supernode.fleet_http_connection.HEARTBEAT_DEFAULT_INTERVAL``: the interval the node
-  promises (sent with ``ActivateNode`` and every heartbeat);
-* ``flwr.supercore.heartbeat.HEARTBEAT_DEFAULT_INTERVAL``: the sender's cadence, sending every
-  (interval − 5 s) × 0.7–0.9, i.e. every ~4 s at 10 s.
-
-10 s is the smallest interval the SuperLink accepts (``HEARTBEAT_MIN_INTERVAL``); it costs one
-small HTTPS request per device every ~4 s. Both names are checked against the pinned Flower by
-``tests/test_service_parts.py``.
-
-    python -m fleetfl.client.supernode [flower-supernode arguments]
+* **One process.** With ``--isolation process`` among Flower's arguments, a
+  :class:`~fleetfl.client.runner.AppRunner` thread in this same process answers every message
+  (Flower would start ``flower-superexec`` plus one ``flwr-clientapp`` process per message:
+  ~730 MB and ~2.5 s of imports each time; see ``client/runner.py``).
+* **A faster idle poll.** Flower's SuperNode loop sleeps a hard-coded 3 s when the SuperLink
+  has no message for it, and 0.5 s between checks for its ClientApp's reply
+  (``flwr/supernode/start_client_internal.py``); no flag sets either. :func:`set_poll_interval`
+  gives that module a ``time`` whose ``sleep(3)`` sleeps ``poll_s`` (default 0.5 s: one small
+  HTTPS request per device per 0.5 s while idle) and ``sleep(0.5)`` sleeps 0.05 s.
+* **A 10-second heartbeat**, so a dead device is noticed within 20 s. A SuperNode promises the
+  SuperLink a heartbeat every ``HEARTBEAT_DEFAULT_INTERVAL`` seconds (30 in Flower 1.42) and
+  the SuperLink declares the node offline after ``HEARTBEAT_PATIENCE`` (2) intervals without
+  one; only then does it answer the node's pending messages with "node unavailable". Flower has
+  no flag for the interval, so :func:`set_heartbeat_interval` sets the two module globals that
+  carry it: ``flwr.supernode.fleet_http_connection.HEARTBEAT_DEFAULT_INTERVAL`` (the promise)
+  and ``flwr.supercore.heartbeat.HEARTBEAT_DEFAULT_INTERVAL`` (the sender's cadence, every
+  (interval − 5 s) × 0.7–0.9, i.e. ~4 s at 10 s). 10 s is the smallest interval the SuperLink
+  accepts (``HEARTBEAT_MIN_INTERVAL``).
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
+import time
+import types
+from pathlib import Path
 
 HEARTBEAT_INTERVAL_S = 10.0
+IDLE_POLL_S = 0.5
+REPLY_POLL_S = 0.05
+_FLOWER_IDLE_SLEEP_S = 3  # the literals in flwr/supernode/start_client_internal.py
+_FLOWER_REPLY_SLEEP_S = 0.5
+_LOOP_MODULE = "flwr.supernode.start_client_internal"
 _MODULES = ("flwr.supernode.fleet_http_connection", "flwr.supercore.heartbeat")
 
 
@@ -47,12 +61,65 @@ def set_heartbeat_interval(seconds: float = HEARTBEAT_INTERVAL_S) -> None:
         module.HEARTBEAT_DEFAULT_INTERVAL = seconds  # type: ignore[attr-defined]
 
 
+def set_poll_interval(idle_s: float = IDLE_POLL_S, reply_s: float = REPLY_POLL_S) -> None:
+    """Make this process's SuperNode loop sleep ``idle_s`` (not 3 s) when the SuperLink had no
+    message, and ``reply_s`` (not 0.5 s) between checks for a reply. Other sleeps unchanged."""
+    if not 0 < reply_s <= idle_s <= _FLOWER_IDLE_SLEEP_S:
+        raise ValueError(f"poll intervals must satisfy 0 < {reply_s} <= {idle_s} <= "
+                         f"{_FLOWER_IDLE_SLEEP_S} s")
+    import importlib
+
+    module = importlib.import_module(_LOOP_MODULE)
+    if getattr(module, "time", None) is not time and not isinstance(module.time, _Clock):
+        raise AttributeError(f"{_LOOP_MODULE} no longer imports time: not Flower 1.42?")
+    module.time = _Clock({_FLOWER_IDLE_SLEEP_S: idle_s, _FLOWER_REPLY_SLEEP_S: reply_s})
+
+
+class _Clock(types.SimpleNamespace):
+    """The ``time`` module with ``sleep`` durations remapped (``sleep(3)`` -> ``sleep(0.5)``)."""
+
+    def __init__(self, remap: dict[float, float]) -> None:
+        super().__init__(**{k: getattr(time, k) for k in dir(time)
+                            if not k.startswith("_") and k != "sleep"})
+        self.remap = remap
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(self.remap.get(seconds, seconds))
+
+
+def _our_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    """Split our flags from Flower's."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--state-dir", type=Path, default=None)
+    parser.add_argument("--poll-s", type=float, default=IDLE_POLL_S)
+    return parser.parse_known_args(argv)
+
+
+def _runtime_address(flower_argv: list[str]) -> str | None:
+    """``127.0.0.1:PORT`` of the Runtime API if Flower runs ``--isolation process``, else None."""
+    from flwr.supercore.constant import SUPERNODE_UVICORN_DEFAULT_PORT
+
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--isolation", default="subprocess")
+    parser.add_argument("--port", type=int, default=SUPERNODE_UVICORN_DEFAULT_PORT)
+    args, _ = parser.parse_known_args(flower_argv)
+    return f"127.0.0.1:{args.port}" if args.isolation == "process" else None
+
+
 def main() -> None:
-    """Run Flower's SuperNode with this module's heartbeat interval."""
+    """Run Flower's SuperNode with this module's heartbeat, poll and (optional) runner."""
+    ours, flower_argv = _our_args(sys.argv[1:])
     set_heartbeat_interval()
+    set_poll_interval(ours.poll_s, min(REPLY_POLL_S, ours.poll_s))
+    address = _runtime_address(flower_argv)
+    if address is not None:
+        from fleetfl.client.app import app
+        from fleetfl.client.runner import start_runner
+
+        start_runner(address, app, ours.state_dir)
     from flwr.supernode.cli import flower_supernode
 
-    sys.argv[0] = "flower-supernode"
+    sys.argv = ["flower-supernode", *flower_argv]
     sys.exit(flower_supernode())
 
 

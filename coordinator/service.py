@@ -185,7 +185,9 @@ def superexec_argv(settings: ServiceSettings) -> list[str]:
 
 
 # ServerApp log lines an operator must see on the console, not only in serverapp.log.
-ECHOED = ("waiting for devices", "refused: invalid registration", "FleetTooSmall")
+# Every warning and error of the ServerApp (a client's failure and its reason, a refused
+# registration, a rejected update, waiting for devices) also goes to the coordinator's console.
+ECHOED = ("WARNING", "ERROR", "FleetTooSmall")
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
@@ -199,7 +201,8 @@ class _Echo:
         for line in text.splitlines():
             if any(key in line for key in ECHOED):
                 plain = _ANSI.sub("", line)  # Flower colours its level names
-                self._say(plain.split("WARNING", 1)[-1].strip(" :"))
+                level = "ERROR" if "ERROR" in plain else "WARNING"
+                self._say(plain.split(level, 1)[-1].strip(" :"))
         return self._file.write(text)
 
     def flush(self) -> None:

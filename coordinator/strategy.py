@@ -210,6 +210,7 @@ class FleetFedProx(FedProx):
         kept: list[_Reply] = []
         waited: list[float] = []
         answered: set[int] = set()
+        errored: set[int] = set()
         for msg in replies:
             node = msg.metadata.src_node_id
             if node not in self._cohort or node in answered:
@@ -218,6 +219,7 @@ class FleetFedProx(FedProx):
                 log.warning("round %d: ignoring a reply from node %d%s", server_round, node, why)
                 continue
             if msg.has_error():
+                errored.add(node)
                 self.transport.forget(node)
                 refused = msg.error.code == P.ERROR_PLAN_REFUSED
                 stats.memory_refused += refused
@@ -254,6 +256,9 @@ class FleetFedProx(FedProx):
                                reply.samples, reply.loss))
         # Error replies, silence and the SuperLink's "node unavailable" replies alike.
         stats.failed = stats.selected - len(answered)
+        for node in set(self._cohort) - answered - errored:
+            log.warning("round %d: client %d sent no reply in time", server_round,
+                        self._cohort[node].index)
         for node in set(self._cohort) - answered:
             self.transport.forget(node)
         stats.round_time_s = round_time_s(waited, self.settings.deadline_s)

@@ -1,7 +1,8 @@
-"""The two places fleetfl changes how Flower waits, checked against the pinned Flower.
+"""The places fleetfl changes how Flower waits, checked against the pinned Flower.
 
 * :mod:`fleetfl.coordinator.grid`: the ServerApp pulls replies every 0.25 s, not every 3 s.
-* :mod:`fleetfl.client.supernode`: a device's SuperNode heartbeats every 10 s, not 30 s.
+* :mod:`fleetfl.client.supernode`: a device's SuperNode heartbeats every 10 s, not 30 s, and
+  polls every 0.5 s when idle, not 3 s.
 
 The service end-to-end test (``test_service_e2e.py``) runs both for real.
 """
@@ -122,3 +123,43 @@ def test_supernode_heartbeat_interval_outside_flowers_range_is_refused() -> None
 
     with pytest.raises(ValueError, match="outside"):
         set_heartbeat_interval(5.0)
+
+
+def test_supernode_idle_poll_is_the_sleep_we_remap() -> None:
+    """Flower 1.42's SuperNode loop sleeps 3 s when idle and 0.5 s waiting for a reply."""
+    from flwr.supernode import start_client_internal as loop
+
+    source = inspect.getsource(loop)
+    assert "import time" in source
+    assert source.count("time.sleep(3)") == 1  # nothing was pulled: wait before pulling again
+    assert "time.sleep(0.5)" in inspect.getsource(loop._push_messages)
+
+
+def test_supernode_idle_poll_remaps_only_flowers_two_sleeps() -> None:
+    code = ("import time; slept = []; time.sleep = slept.append\n"
+            "from fleetfl.client.supernode import set_poll_interval as s; s(0.25, 0.02)\n"
+            "import flwr.supernode.start_client_internal as m\n"
+            "m.time.sleep(3); m.time.sleep(0.5); m.time.sleep(1.5)\n"
+            "print(slept, m.time.monotonic() > 0)")
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
+                         text=True, timeout=120).stdout.strip()
+    assert out == "[0.25, 0.02, 1.5] True"
+
+
+def test_supernode_poll_outside_range_is_refused() -> None:
+    from fleetfl.client.supernode import set_poll_interval
+
+    for idle, reply in ((0.0, 0.0), (5.0, 0.05), (0.1, 0.2)):
+        with pytest.raises(ValueError, match="poll intervals"):
+            set_poll_interval(idle, reply)
+
+
+def test_supernode_launcher_splits_its_flags_from_flowers() -> None:
+    from fleetfl.client.supernode import _our_args, _runtime_address
+
+    ours, rest = _our_args(["--state-dir", "/w/state", "--poll-s", "0.3", "--superlink",
+                            "h:1", "--isolation", "process", "--port", "9111"])
+    assert (str(ours.state_dir), ours.poll_s) == ("/w/state", 0.3)
+    assert rest == ["--superlink", "h:1", "--isolation", "process", "--port", "9111"]
+    assert _runtime_address(rest) == "127.0.0.1:9111"
+    assert _runtime_address(["--superlink", "h:1"]) is None  # Flower's own subprocess mode

@@ -214,7 +214,7 @@ def test_flowers_app_processes_import_user_tasks_from_where_fleetfl_started(
         assert done.returncode == 0, done.stderr
 
 
-def test_the_console_echoes_the_serverapps_waiting_and_refusal_lines() -> None:
+def test_the_console_echoes_the_serverapps_warnings_and_errors() -> None:
     from fleetfl.coordinator.service import _Echo
 
     said: list[str] = []
@@ -222,7 +222,10 @@ def test_the_console_echoes_the_serverapps_waiting_and_refusal_lines() -> None:
     echo = _Echo(sink, said.append)
     echo.write("\x1b[92mINFO \x1b[0m:      [ROUND 1/3]\n"
                "\x1b[93mWARNING \x1b[0m:   waiting for devices: 1 of 3 registered "
-               "(federation.min_clients), 590 s left\n")
+               "(federation.min_clients), 590 s left\n"
+               "\x1b[93mWARNING \x1b[0m:   round 2: client 4 failed: ValueError: bad shard\n"
+               "\x1b[91mERROR \x1b[0m:     ServerApp raised\n")
     assert said == ["waiting for devices: 1 of 3 registered (federation.min_clients), "
-                    "590 s left"]
+                    "590 s left", "round 2: client 4 failed: ValueError: bad shard",
+                    "ServerApp raised"]
     assert "[ROUND 1/3]" in sink.getvalue()  # the file keeps everything

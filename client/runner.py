@@ -1,0 +1,222 @@
+"""A persistent ClientApp runner: one long-lived process answers every message of a device.
+
+A SuperNode in Flower's default ``--isolation subprocess`` mode starts ``flower-superexec``,
+which starts a fresh ``flwr-clientapp`` process for *every* message: each one re-imports
+Flower and torch (~2.5 s and ~220 MB here) and re-reads the data. In ``--isolation process``
+mode the SuperNode starts nothing; an outside process acquires each task from the SuperNode's
+local Runtime API (``AcquireTask``, as ``flower-superexec`` does) and runs it with the task's
+token (``PullTaskInput``, ``PullMessages``, ``PushMessages``, ``PushTaskOutput``, as
+``flwr-clientapp`` does). :class:`AppRunner` is that process's loop, built on the same public
+Runtime API client and functions (``flwr.supernode.runtime.run_clientapp``), with three
+differences:
+
+* it never exits between tasks, so torch, the model and the data stay loaded;
+* it runs only fleetfl's own ClientApp (no FAB is installed: the FAB a fleetfl coordinator
+  sends names ``fleetfl.client.app:app`` and nothing else) and refuses a run of any other app
+  or another fleetfl version with an error reply;
+* a task's heartbeat never raises SIGINT in this process (Flower's does, which would stop the
+  SuperNode sharing it).
+
+The run's per-device state (``context.state``: the error-feedback residual, the secure
+aggregation keys of the round in flight) is written to ``state_dir`` after every task and read
+back when the SuperNode, after a restart, hands over an empty state for the same run
+(:class:`ContextStore`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from flwr.app import Context, Message
+from flwr.app.error import Error
+from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode, SubStatus
+from flwr.common.serde import context_from_proto, context_to_proto
+from flwr.proto.message_pb2 import Context as ProtoContext  # pylint: disable=E0611
+from flwr.proto.runtime_pb2 import (  # pylint: disable=E0611
+    AcquireTaskRequest,
+    SendTaskHeartbeatRequest,
+)
+from flwr.supercore.constant import TaskType
+from flwr.supercore.interceptors import (
+    RuntimeTokenHttpInterceptor,
+    RuntimeVersionHttpInterceptor,
+)
+from flwr.supercore.retry import make_simple_http_retry_invoker
+from flwr.supercore.run import Run
+from flwr.supercore.runtime import RuntimeHttpClient
+from flwr.supernode.runtime.run_clientapp import (
+    pull_task_input,
+    push_message,
+    push_task_output,
+)
+
+from fleetfl import __version__
+
+log = logging.getLogger(__name__)
+
+FAB_ID = "fleetfl/fleetfl-run"  # publisher/name of the FAB coordinator/control.py builds
+ACQUIRE_POLL_S = 0.1  # an idle runner asks the (local, in-process) Runtime API this often
+HEARTBEAT_S = 10.0  # Flower's task heartbeat cadence is 10-20 s; the SuperNode expires at 60 s
+
+
+@dataclass(frozen=True)
+class ContextStore:
+    """The last context of each run, on disk: ``<dir>/context-<run_id>.pb`` (Flower's proto).
+
+    Holds one run at a time (a new run's file replaces older runs' files), so its size is
+    one context: a few bytes plus one model-sized error-feedback residual (float32).
+    """
+
+    directory: Path
+
+    def path(self, run_id: int) -> Path:
+        """Where run ``run_id``'s context is kept."""
+        return self.directory / f"context-{run_id}.pb"
+
+    def save(self, context: Context) -> None:
+        """Write ``context`` atomically and drop other runs' files."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        target = self.path(context.run_id)
+        tmp = target.with_name(f".{target.name}.tmp")
+        tmp.write_bytes(context_to_proto(context).SerializeToString())
+        os.replace(tmp, target)
+        for old in self.directory.glob("context-*.pb"):
+            if old != target:
+                old.unlink(missing_ok=True)
+
+    def restore(self, context: Context) -> bool:
+        """Fill an empty ``context.state`` from this run's saved context; True if it did."""
+        path = self.path(context.run_id)
+        if len(context.state) > 0 or not path.is_file():
+            return False
+        try:
+            saved = context_from_proto(ProtoContext.FromString(path.read_bytes()))
+        except Exception as err:  # noqa: BLE001 - a torn or foreign file must not stop training
+            log.warning("ignoring the saved state %s: %s", path, err)
+            return False
+        if saved.node_id != context.node_id:
+            return False
+        context.state = saved.state
+        return True
+
+
+def refusal(run: Run) -> str | None:
+    """Why this runner cannot run ``run``'s app (``None``: it can)."""
+    if run.fab_id != FAB_ID:
+        return (f"this device runs only fleetfl's ClientApp ({FAB_ID}); the run's app is "
+                f"{run.fab_id!r}")
+    if run.fab_version != __version__:
+        return (f"the coordinator runs fleetfl {run.fab_version}, this device fleetfl "
+                f"{__version__}: install the same version on both")
+    return None
+
+
+class AppRunner:
+    """Acquire each ClientApp task from the SuperNode at ``address`` and run ``app`` on it."""
+
+    def __init__(self, address: str, app: ClientApp, store: ContextStore | None = None,
+                 poll_s: float = ACQUIRE_POLL_S) -> None:
+        self.address = address
+        self.app = app
+        self.store = store
+        self.poll_s = poll_s
+        self.tasks_done = 0
+
+    def _client(self, *interceptors: object, retry: bool = True) -> RuntimeHttpClient:
+        return RuntimeHttpClient.from_server_address(
+            server_address=self.address, insecure=True, root_certificates=None,
+            interceptors=list(interceptors),  # type: ignore[arg-type]
+            retry_invoker=make_simple_http_retry_invoker() if retry else None)
+
+    def serve(self, stop: threading.Event) -> None:
+        """Run tasks until ``stop`` is set; errors are logged and the loop goes on."""
+        # No retries: this loop is the retry (the Runtime API starts after this thread).
+        acquirer = self._client(RuntimeVersionHttpInterceptor(component_name="SuperExec"),
+                                retry=False)
+        request = AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP.value])
+        while not stop.is_set():
+            try:
+                res = acquirer.AcquireTask(request)
+                if res.HasField("task") and res.token:
+                    self.run_task(res.token)
+                    continue
+            except Exception as err:  # noqa: BLE001 - the SuperNode may be starting or gone
+                log.debug("acquiring a task failed: %s", err)
+            stop.wait(self.poll_s)
+
+    def run_task(self, token: str) -> None:
+        """Run one task: pull its message and context, call the app, push reply and context."""
+        client = self._client(RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
+                              RuntimeTokenHttpInterceptor(token))
+        beat = _Heartbeat(client)
+        context: Context | None = None
+        status, details = SubStatus.FAILED, "ClientApp task failed"
+        try:
+            message, context, run, _fab = pull_task_input(client)
+            reply = self._reply(message, context, run)
+            status, details = SubStatus.COMPLETED, ""
+            push_message(client, reply, context)
+            if self.store is not None:
+                self.store.save(context)
+        except Exception as err:  # noqa: BLE001 - one bad task must not stop the device
+            log.exception("task failed")
+            details = f"{type(err).__name__}: {err}"
+        finally:
+            beat.stop()
+            push_task_output(client=client, context=context, sub_status=status, details=details)
+            client.close()
+            self.tasks_done += 1
+
+    def _reply(self, message: Message, context: Context, run: Run) -> Message:
+        """The app's reply, or an error reply saying why it raised or was refused."""
+        reason = refusal(run)
+        if reason is not None:
+            log.error("%s", reason)
+            return Message(Error(code=ErrorCode.LOAD_CLIENT_APP_EXCEPTION, reason=reason),
+                           reply_to=message)
+        if self.store is not None and self.store.restore(context):
+            log.info("restored this run's saved state (run %d)", context.run_id)
+        try:
+            return self.app(message=message, context=context)
+        except Exception as err:  # noqa: BLE001 - reported to the coordinator, as Flower does
+            log.exception("the ClientApp raised")
+            reason = f"{type(err).__name__}: {err}"
+            return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason),
+                           reply_to=message)
+
+
+class _Heartbeat:
+    """Task heartbeats every ``HEARTBEAT_S`` on a thread, until :meth:`stop`."""
+
+    def __init__(self, client: RuntimeHttpClient) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, args=(client,), daemon=True,
+                                        name="fleetfl-task-heartbeat")
+        self._thread.start()
+
+    def _beat(self, client: RuntimeHttpClient) -> None:
+        request = SendTaskHeartbeatRequest()
+        while not self._stop.wait(HEARTBEAT_S):
+            try:
+                client.SendTaskHeartbeat(request)
+            except Exception as err:  # noqa: BLE001 - a missed beat is retried next time
+                log.debug("task heartbeat failed: %s", err)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=1.0)
+
+
+def start_runner(address: str, app: ClientApp, state_dir: Path | None) -> threading.Event:
+    """Start an :class:`AppRunner` on a daemon thread; set the returned event to stop it."""
+    stop = threading.Event()
+    runner = AppRunner(address, app, ContextStore(state_dir) if state_dir else None)
+    threading.Thread(target=runner.serve, args=(stop,), daemon=True,
+                     name="fleetfl-clientapp-runner").start()
+    return stop
+
