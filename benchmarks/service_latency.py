@@ -1,17 +1,23 @@
 """Round latency of the deployed service, and how much of it is fleetfl's own.
 
-    python -m benchmarks.service_latency [--clients 3 10] [--rounds 6] [--label current]
+    python -m benchmarks.service_latency [--clients 3 10] [--rounds 12] [--secure]
+                                         [--label current]
 
-1. **ClientApp process costs.** A deployed SuperNode starts a fresh ``flwr-clientapp`` process
-   for every message; the same steps are timed here in fresh processes (median of
-   ``--repeats``): Python start-up, Flower's imports (``flwr.app``, ``flwr.clientapp``), then
-   ours on top (``import fleetfl.client.app``, the train path's extra imports, reading the
-   device's shard, building the model). ``-X importtime`` splits the import time by package.
+1. **ClientApp process costs.** Flower's default SuperNode starts a fresh ``flwr-clientapp``
+   process for every message (fleetfl's device no longer does: ``client/runner.py``); the same
+   steps are timed here in fresh processes (median of ``--repeats``): Python start-up, Flower's
+   imports (``flwr.app``, ``flwr.clientapp``), then ours on top (``import fleetfl.client.app``,
+   the train path's extra imports, reading the device's shard, building the model).
+   ``-X importtime`` splits the import time by package. ``--repeats 0`` skips this part.
 2. **End to end.** ``fleetfl coordinator start`` (TLS + SuperNode authentication) and N
-   ``fleetfl client start`` on 127.0.0.1, digits CNN, every client in every round. Round
-   latency = the difference of consecutive rounds' ``wall_time_s`` (committed rows); round 1
-   is left out (it includes waiting for devices to join). A sampler reads the peak RSS
-   (``VmHWM``) of every Flower process of the devices from /proc.
+   ``fleetfl client start`` on 127.0.0.1, digits CNN, every client in every round (the
+   coordinator waits for all N: ``federation.min_clients``), plain or (``--secure``) int8 +
+   SecAgg+. Round latency = the difference of consecutive rounds' ``wall_time_s`` (committed
+   rows); round 1 (joining) and the last round (federated evaluation) are left out; median
+   and p95. Time to register: from ``fleetfl client start`` to the device's first reply
+   (its SuperNode logs "Sending: query message"). A sampler reads the peak RSS (``VmHWM``) of
+   each device's processes from /proc: the ``fleetfl client start`` supervisor, and the
+   SuperNode (which runs the ClientApp) with any process under it.
 
 Everything runs the ``fleetfl`` of this checkout (``FLEETFL_CLI`` overrides the command).
 """
@@ -124,13 +130,14 @@ def client_process_costs(shard: Path, repeats: int) -> dict[str, Any]:
 
 
 class PeakMemory(threading.Thread):
-    """Samples ``VmHWM`` (peak RSS, bytes) of the devices' Flower processes.
+    """Samples ``VmHWM`` (peak RSS, bytes) of the devices' processes.
 
-    A device is a ``flower-supernode`` whose command line mentions ``tag`` (the benchmark's
-    directory); its SuperExec and ClientApp processes are found as its descendants.
+    A device is a ``fleetfl client start`` (the supervisor) and the ``flower-supernode`` under
+    it whose command line mentions ``tag`` (the benchmark's directory); SuperExec and ClientApp
+    processes (Flower's subprocess mode) are found as its descendants.
     """
 
-    KINDS = ("flwr-clientapp", "flower-supernode", "flower-superexec")
+    KINDS = ("flwr-clientapp", "flower-supernode", "flower-superexec", "client start")
 
     def __init__(self, tag: str) -> None:
         super().__init__(daemon=True)
@@ -158,7 +165,7 @@ class PeakMemory(threading.Thread):
         while not self.stop_event.wait(0.2):
             table = self._table()
             roots = {pid for pid, (_, cmd, _) in table.items()
-                     if "flower-supernode" in cmd and self.tag in cmd}
+                     if ("flower-supernode" in cmd or "client start" in cmd) and self.tag in cmd}
             for pid, (ppid, cmd, hwm) in table.items():
                 chain, hops = ppid, 0
                 while chain not in roots and chain in table and hops < 5:
@@ -176,7 +183,28 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def end_to_end(clients: int, rounds: int, root: Path) -> dict[str, Any]:
+class Registered(threading.Thread):
+    """Seconds from start to each device's first reply (in its log), polled every 0.1 s."""
+
+    def __init__(self, logs: list[Path]) -> None:
+        super().__init__(daemon=True)
+        self.logs, self.start_time = logs, time.monotonic()
+        self.seconds: dict[int, float] = {}
+        self.stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop_event.wait(0.1) and len(self.seconds) < len(self.logs):
+            for i, path in enumerate(self.logs):
+                if i not in self.seconds and path.is_file() and \
+                        "Sending: query message" in path.read_text(errors="replace"):
+                    self.seconds[i] = round(time.monotonic() - self.start_time, 2)
+
+
+def _p95(values: list[float]) -> float | None:
+    return sorted(values)[max(0, round(0.95 * len(values)) - 1)] if values else None
+
+
+def end_to_end(clients: int, rounds: int, root: Path, secure: bool = False) -> dict[str, Any]:
     """Run the service with ``clients`` local devices; round latencies and peak memory."""
     def cli(*args: str, **kw: Any) -> subprocess.Popen[bytes]:
         return subprocess.Popen([*CLI, *args], cwd=root, start_new_session=True,
@@ -189,8 +217,11 @@ def end_to_end(clients: int, rounds: int, root: Path) -> dict[str, Any]:
                "--out", "shards", stdout=subprocess.DEVNULL).wait(300) == 0
     port = _free_port()
     sets = [f"federation.rounds={rounds}", f"federation.num_clients={clients}",
-            f"federation.clients_per_round={clients}", "federation.round_timeout_s=600",
+            f"federation.clients_per_round={clients}", f"federation.min_clients={clients}",
+            "federation.round_timeout_s=600", f"federation.evaluate_every={rounds}",
             "fleet.mix={rpi4=1}"]
+    if secure:
+        sets += ["compression.update_bits=8", "secagg.enabled=true"]
     with open(root / "coordinator.log", "wb") as log:
         coord = cli("coordinator", "start", "--state", "state", "--address", f"127.0.0.1:{port}",
                     "--tls-cert", "keys/server.pem", "--tls-key", "keys/server.key",
@@ -203,6 +234,8 @@ def end_to_end(clients: int, rounds: int, root: Path) -> dict[str, Any]:
     (root / "device.json").write_text(json.dumps(profile))
     sampler = PeakMemory(str(root))
     sampler.start()
+    registered = Registered([root / f"client-{i}.log" for i in range(clients)])
+    registered.start()
     devices = []
     for i in range(clients):
         with open(root / f"client-{i}.log", "wb") as log:
@@ -210,11 +243,13 @@ def end_to_end(clients: int, rounds: int, root: Path) -> dict[str, Any]:
                                "--data", f"shards/client-{i}.npz", "--tls-ca", "keys/ca.pem",
                                "--auth-key", f"keys/clients/client-{i}", "--index", str(i),
                                "--device", str(root / "device.json"),
-                               "--workdir", f"work-{i}", stdout=log, stderr=subprocess.STDOUT))
+                               "--workdir", str(root / f"work-{i}"), stdout=log,
+                               stderr=subprocess.STDOUT))
     try:
         code = coord.wait(3600)
     finally:
         sampler.stop_event.set()
+        registered.stop_event.set()
         for proc in [coord, *devices]:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGTERM)
@@ -227,12 +262,16 @@ def end_to_end(clients: int, rounds: int, root: Path) -> dict[str, Any]:
             (root / "state" / "rounds" / "metrics.jsonl").read_text().splitlines()]
     walls = [r["wall_time_s"] for r in rows]
     latencies = [round(b - a, 2) for a, b in zip(walls, walls[1:], strict=False)]
+    steady = latencies[:-1]  # the last round also evaluates
     return {
-        "clients": clients, "rounds": len(rows), "coordinator_exit": code,
+        "clients": clients, "secure": secure, "rounds": len(rows), "coordinator_exit": code,
         "round1_s_incl_join": round(walls[0], 2) if walls else None,
         "round_latency_s": latencies,
-        "round_latency_median_s": statistics.median(latencies) if latencies else None,
+        "round_latency_median_s": statistics.median(steady) if steady else None,
+        "round_latency_p95_s": _p95(steady),
+        "register_s": registered.seconds,
         "final_accuracy": rows[-1]["accuracy"] if rows else None,
+        "failed_client_rounds": sum(r["failed"] for r in rows),
         "peak_rss_bytes": sampler.peak,
         # The machine is shared: the 1-minute load average before and after the run.
         "load_average": [round(load_before, 1), round(os.getloadavg()[0], 1)],
@@ -242,8 +281,9 @@ def end_to_end(clients: int, rounds: int, root: Path) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, nargs="+", default=[3, 10])
-    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--rounds", type=int, default=12)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--secure", action="store_true", help="also run int8 + SecAgg+")
     parser.add_argument("--label", default="current", help="results file suffix")
     parser.add_argument("--no-e2e", action="store_true", help="only the ClientApp process costs")
     args = parser.parse_args()
@@ -251,11 +291,13 @@ def main() -> None:
         root = Path(tmp)
         subprocess.run([*CLI, "data", "split", "--dataset", "digits", "--num-clients", "3",
                         "--out", str(root / "probe")], check=True, capture_output=True)
-        costs = client_process_costs(root / "probe" / "client-0.npz", args.repeats)
+        costs = (client_process_costs(root / "probe" / "client-0.npz", args.repeats)
+                 if args.repeats > 0 else None)
         runs = []
         for n in [] if args.no_e2e else args.clients:
-            (root / f"n{n}").mkdir()
-            runs.append(end_to_end(n, args.rounds, root / f"n{n}"))
+            for secure in (False, True) if args.secure else (False,):
+                (root / f"n{n}-{secure}").mkdir()
+                runs.append(end_to_end(n, args.rounds, root / f"n{n}-{secure}", secure))
     emit(f"service_latency_{args.label}", {"client_process": costs, "end_to_end": runs})
 
 

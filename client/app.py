@@ -17,6 +17,7 @@ from flwr.clientapp import ClientApp
 from fleetfl import protocol as P
 from fleetfl.client import secure
 from fleetfl.client.local import load_local_task, task_settings
+from fleetfl.client.memory import is_real_device, measured_runtime
 from fleetfl.tasks.task import Task
 
 
@@ -66,6 +67,10 @@ def query(msg: Message, context: Context, task: Task | None = None) -> Message:
             P.CLIENT_INDEX: local.index,
         }
     )
+    if is_real_device(context.node_config):
+        runtime = measured_runtime(local)
+        if runtime is not None:
+            reply[P.RUNTIME_BYTES] = runtime
     return Message(RecordDict({P.CONFIG: reply}), reply_to=msg)
 
 

@@ -96,3 +96,17 @@ def _stats(raw: str) -> TrainingMemoryStats:
         return TrainingMemoryStats.from_dict(json.loads(raw))
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
         raise ValueError(f"{P.MEMORY_STATS}: not valid training-memory figures: {err}") from None
+
+
+def measured_runtime(local: LocalTask) -> int | None:
+    """Bytes this device's process holds ready to train: VmRSS once torch, the train path and
+    the task's model are loaded (the coordinator reserves it in this device's memory plans;
+    ``decide`` measures again before each training). None where /proc cannot be read."""
+    prepare_device_process()
+    from fleetfl.client import training  # noqa: F401 - what the first train message loads
+
+    local.fresh_model()
+    try:
+        return rss_bytes()
+    except (OSError, ValueError):
+        return None

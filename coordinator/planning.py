@@ -79,13 +79,15 @@ def round_rng(seed: int, server_round: int, stream: int) -> np.random.Generator:
 
 def memory_plan(client: ClientInfo, settings: PlanSettings) -> MemoryPlan | None:
     """How ``client`` runs its batches within its device's budget; None without memory
-    planning. The batch is the largest the client will run: ``batch_size`` or its data size."""
+    planning. The batch is the largest the client will run: ``batch_size`` or its data size.
+    The reserve is the device's own measured runtime when it reported one, else
+    ``fleet.runtime_memory_mib``."""
     memory = settings.memory
     if memory is None:
         return None
     budget = memory_budget_bytes(client.device, memory.budget_fraction)
-    return _fit(memory.stats, min(settings.batch_size, client.num_examples), budget,
-                memory.runtime_bytes)
+    reserved = memory.runtime_bytes if client.runtime_bytes is None else client.runtime_bytes
+    return _fit(memory.stats, min(settings.batch_size, client.num_examples), budget, reserved)
 
 
 # Plans depend on a handful of numbers that repeat across clients and rounds.

@@ -33,6 +33,9 @@ class ClientInfo:
     index: int
     device: DeviceProfile
     num_examples: int
+    # Bytes the device's process holds before training (measured by the device, reported at
+    # registration); None: plan with fleet.runtime_memory_mib (simulated clients).
+    runtime_bytes: int | None = None
 
 
 class FleetTooSmall(RuntimeError):
@@ -103,6 +106,10 @@ class FleetRegistry:
                             "(federation.max_examples_per_client)", node, info.num_examples,
                             self._max_examples)
                 info = replace(info, num_examples=self._max_examples)
+            if info.runtime_bytes is not None:  # a real device (simulated ones report none)
+                log.info("node %d registered as client %d: %s, %d examples, %.0f MiB "
+                         "resident before training", node, info.index, info.device.name,
+                         info.num_examples, info.runtime_bytes / 2**20)
             self._clients[node] = info
 
 
@@ -120,4 +127,11 @@ def parse_registration(node_id: int, cfg: ConfigRecord) -> ClientInfo:
     if not 0 <= index <= MAX_CLIENT_INDEX:
         raise ValueError(f"{P.CLIENT_INDEX} must be in [0, {MAX_CLIENT_INDEX}], got {index}")
     device = DeviceProfile.from_dict(json.loads(str(cfg[P.DEVICE])))
-    return ClientInfo(node_id, index, device, num_examples)
+    runtime = cfg.get(P.RUNTIME_BYTES)
+    if runtime is not None and (not isinstance(runtime, int) or isinstance(runtime, bool)
+                                or not 0 < runtime <= device.ram_bytes):
+        # A device that under-reports only shrinks its own margin: its own admission check
+        # measures again before it trains.
+        raise ValueError(f"{P.RUNTIME_BYTES} must be an integer in (0, ram_bytes = "
+                         f"{device.ram_bytes}], got {runtime!r}")
+    return ClientInfo(node_id, index, device, num_examples, runtime)

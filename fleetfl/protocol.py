@@ -53,6 +53,7 @@ CLIP = "clip"
 DEVICE = "device"
 CLIENT_INDEX = "client-index"
 NUM_EXAMPLES = "num-examples"  # the key Flower's strategies weight by
+RUNTIME_BYTES = "runtime-bytes"  # register: a real device's resident bytes before training
 SAMPLES_PROCESSED = "samples-processed"
 STEPS = "steps"
 TRAIN_LOSS = "train-loss"

@@ -2,7 +2,7 @@
 
 The ClientApp runs in a child process where importing scikit-learn, SciPy, ONNX, ONNX Runtime,
 matplotlib or Ray fails, as on a Raspberry Pi with the device extra only. It answers a
-``register`` query and a ``train`` message (built as the coordinator builds them) from a real
+``register`` query (reporting its measured runtime memory) and a ``train`` message (built as the coordinator builds them) from a real
 device's ``.npz`` shard.
 """
 
@@ -39,8 +39,6 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from fleetfl import protocol as P
 from fleetfl.client.app import app
-from fleetfl.compression.codec import encode_model
-from fleetfl.tasks.models import build_model
 
 TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
 shared = json.loads(sys.argv[2])  # what the coordinator sends every client
@@ -57,12 +55,16 @@ def send(content, kind, n):
 
 
 register = send(RecordDict({P.CONFIG: ConfigRecord({**shared, P.OP: P.OP_REGISTER})}), "query", 0)
+from fleetfl.compression.codec import encode_model
+from fleetfl.tasks.models import build_model
+
 weights = {k: v.numpy() for k, v in build_model("cnn", (1, 8, 8), 10).state_dict().items()}
 plan = {"plan.epochs": 1.0, "plan.max-samples": 0, "plan.batch-size": 10,
         "plan.straggler": False}
 config = ConfigRecord({**shared, **plan, P.SERVER_ROUND: 1, P.PROXIMAL_MU: 0.01, P.CLIP: 0.05})
 payload = ConfigRecord({P.MODEL_BLOB: encode_model(weights, round=1, scales={})})
 train = send(RecordDict({P.CONFIG: config, P.PAYLOAD: payload}), "train", 1)
+assert 50 * 2**20 < register[P.CONFIG][P.RUNTIME_BYTES] < 2**31  # VmRSS with torch loaded
 print(register[P.CONFIG][P.NUM_EXAMPLES], train[P.METRICS][P.STEPS],
       len(train[P.PAYLOAD][P.UPDATE_BLOB]) > 0)
 """
