@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,7 +61,9 @@ from fleetfl import __version__
 log = logging.getLogger(__name__)
 
 FAB_ID = "fleetfl/fleetfl-run"  # publisher/name of the FAB coordinator/control.py builds
-ACQUIRE_POLL_S = 0.1  # an idle runner asks the (local, in-process) Runtime API this often
+# An idle runner asks the local Runtime API for a task this often; with a wake event (set by
+# the SuperNode loop when a message is stored, client/supernode.py) it asks at once.
+ACQUIRE_POLL_S = 2.0
 HEARTBEAT_S = 10.0  # Flower's task heartbeat cadence is 10-20 s; the SuperNode expires at 60 s
 
 
@@ -133,12 +136,16 @@ class AppRunner:
             interceptors=list(interceptors),  # type: ignore[arg-type]
             retry_invoker=make_simple_http_retry_invoker() if retry else None)
 
-    def serve(self, stop: threading.Event) -> None:
-        """Run tasks until ``stop`` is set; errors are logged and the loop goes on."""
+    def serve(self, stop: threading.Event, wake: threading.Event | None = None) -> None:
+        """Run tasks until ``stop`` is set; errors are logged and the loop goes on.
+
+        Between tasks it waits for ``wake`` (or ``poll_s`` seconds, whichever comes first).
+        """
         # No retries: this loop is the retry (the Runtime API starts after this thread).
         acquirer = self._client(RuntimeVersionHttpInterceptor(component_name="SuperExec"),
                                 retry=False)
         request = AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP.value])
+        wake = wake if wake is not None else threading.Event()
         while not stop.is_set():
             try:
                 res = acquirer.AcquireTask(request)
@@ -147,7 +154,8 @@ class AppRunner:
                     continue
             except Exception as err:  # noqa: BLE001 - the SuperNode may be starting or gone
                 log.debug("acquiring a task failed: %s", err)
-            stop.wait(self.poll_s)
+            wake.wait(self.poll_s)
+            wake.clear()
 
     def run_task(self, token: str) -> None:
         """Run one task: pull its message and context, call the app, push reply and context."""
@@ -157,12 +165,18 @@ class AppRunner:
         context: Context | None = None
         status, details = SubStatus.FAILED, "ClientApp task failed"
         try:
+            started = time.monotonic()
             message, context, run, _fab = pull_task_input(client)
+            pulled = time.monotonic()
             reply = self._reply(message, context, run)
+            answered = time.monotonic()
             status, details = SubStatus.COMPLETED, ""
             push_message(client, reply, context)
             if self.store is not None:
                 self.store.save(context)
+            log.info("%s message answered in %.2f s (pull %.2f s, app %.2f s, push %.2f s)",
+                     message.metadata.message_type, time.monotonic() - started,
+                     pulled - started, answered - pulled, time.monotonic() - answered)
         except Exception as err:  # noqa: BLE001 - one bad task must not stop the device
             log.exception("task failed")
             details = f"{type(err).__name__}: {err}"
@@ -212,11 +226,13 @@ class _Heartbeat:
         self._thread.join(timeout=1.0)
 
 
-def start_runner(address: str, app: ClientApp, state_dir: Path | None) -> threading.Event:
-    """Start an :class:`AppRunner` on a daemon thread; set the returned event to stop it."""
+def start_runner(address: str, app: ClientApp, state_dir: Path | None,
+                 wake: threading.Event | None = None) -> threading.Event:
+    """Start an :class:`AppRunner` on a daemon thread (``wake``: see :meth:`AppRunner.serve`);
+    set the returned event to stop it."""
     stop = threading.Event()
     runner = AppRunner(address, app, ContextStore(state_dir) if state_dir else None)
-    threading.Thread(target=runner.serve, args=(stop,), daemon=True,
+    threading.Thread(target=runner.serve, args=(stop, wake), daemon=True,
                      name="fleetfl-clientapp-runner").start()
     return stop
 

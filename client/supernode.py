@@ -8,6 +8,8 @@ and checked against the pinned Flower by ``tests/test_supernode.py``:
   :class:`~fleetfl.client.runner.AppRunner` thread in this same process answers every message
   (Flower would start ``flower-superexec`` plus one ``flwr-clientapp`` process per message:
   ~730 MB and ~2.5 s of imports each time; see ``client/runner.py``).
+* **Objects pulled with a 50 ms first retry** (:mod:`fleetfl.object_pulls`), not 1 s.
+* **The runner wakes when a message is in** (:func:`notify_on_message`), not on a timer.
 * **A faster idle poll.** Flower's SuperNode loop sleeps a hard-coded 3 s when the SuperLink
   has no message for it, and 0.5 s between checks for its ClientApp's reply
   (``flwr/supernode/start_client_internal.py``); no flag sets either. :func:`set_poll_interval`
@@ -28,9 +30,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+import threading
 import time
 import types
 from pathlib import Path
+
+from fleetfl.object_pulls import DEVICE_MODULES, fast_object_pulls
 
 HEARTBEAT_INTERVAL_S = 10.0
 IDLE_POLL_S = 0.5
@@ -87,6 +92,31 @@ class _Clock(types.SimpleNamespace):
         time.sleep(self.remap.get(seconds, seconds))
 
 
+def notify_on_message(event: threading.Event) -> None:
+    """Set ``event`` each time this process's SuperNode has stored a whole message.
+
+    Wraps ``_pull_and_store_message`` of Flower's SuperNode loop (it returns the run id once
+    the message and all its objects are stored, None when nothing came), so the runner acquires
+    the task only when its message can be read: a task acquired earlier (Flower creates it
+    before pulling the message's objects) waits about a second in ``PullMessages``.
+    """
+    import importlib
+
+    module = importlib.import_module(_LOOP_MODULE)
+    pull = module._pull_and_store_message
+    if getattr(pull, "_fleetfl_notifies", False):
+        return
+
+    def pull_and_notify(*args: object, **kwargs: object) -> int | None:
+        run_id = pull(*args, **kwargs)
+        if run_id is not None:
+            event.set()
+        return run_id
+
+    pull_and_notify._fleetfl_notifies = True  # type: ignore[attr-defined]
+    module._pull_and_store_message = pull_and_notify
+
+
 def _our_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     """Split our flags from Flower's."""
     parser = argparse.ArgumentParser(add_help=False)
@@ -106,17 +136,33 @@ def _runtime_address(flower_argv: list[str]) -> str | None:
     return f"127.0.0.1:{args.port}" if args.isolation == "process" else None
 
 
+def _log_to_stderr() -> None:
+    """fleetfl's log lines (the runner's, the ClientApp's) next to Flower's, on stderr."""
+    import logging
+
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)-8s: fleetfl: %(message)s"))
+    logger = logging.getLogger("fleetfl")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
 def main() -> None:
     """Run Flower's SuperNode with this module's heartbeat, poll and (optional) runner."""
     ours, flower_argv = _our_args(sys.argv[1:])
+    _log_to_stderr()
     set_heartbeat_interval()
     set_poll_interval(ours.poll_s, min(REPLY_POLL_S, ours.poll_s))
+    fast_object_pulls(*DEVICE_MODULES)
     address = _runtime_address(flower_argv)
     if address is not None:
         from fleetfl.client.app import app
         from fleetfl.client.runner import start_runner
 
-        start_runner(address, app, ours.state_dir)
+        wake = threading.Event()
+        notify_on_message(wake)
+        start_runner(address, app, ours.state_dir, wake)
     from flwr.supernode.cli import flower_supernode
 
     sys.argv = ["flower-supernode", *flower_argv]

@@ -2,8 +2,8 @@
 
 The ClientApp runs in a child process where importing scikit-learn, SciPy, ONNX, ONNX Runtime,
 matplotlib or Ray fails, as on a Raspberry Pi with the device extra only. It answers a
-``register`` query (reporting its measured runtime memory) and a ``train`` message (built as the coordinator builds them) from a real
-device's ``.npz`` shard.
+``register`` query (reporting its measured runtime memory) and a ``train`` message (built as
+the coordinator builds them) from a real device's ``.npz`` shard.
 """
 
 from __future__ import annotations

@@ -163,3 +163,47 @@ def test_supernode_launcher_splits_its_flags_from_flowers() -> None:
     assert rest == ["--superlink", "h:1", "--isolation", "process", "--port", "9111"]
     assert _runtime_address(rest) == "127.0.0.1:9111"
     assert _runtime_address(["--superlink", "h:1"]) is None  # Flower's own subprocess mode
+
+
+def test_object_pulls_are_the_three_callers_of_flowers_pull_objects() -> None:
+    """Every module of Flower 1.42 that calls pull_objects imports it by name (so the swap
+    reaches it), and the swap keeps Flower's function with a 50 ms first retry."""
+    code = ("from fleetfl.object_pulls import DEVICE_MODULES, SERVERAPP_MODULES, "
+            "fast_object_pulls as f\n"
+            "import importlib\n"
+            "mods = DEVICE_MODULES + SERVERAPP_MODULES\n"
+            "f(*mods); f(*mods)\n"  # idempotent
+            "from flwr.supercore.inflatable import inflatable_utils as u\n"
+            "print(sorted({(importlib.import_module(m).pull_objects.keywords['initial_backoff'],"
+            " importlib.import_module(m).pull_objects.func.__module__) for m in mods}))")
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
+                         text=True, timeout=120).stdout.strip()
+    assert out == "[(0.05, 'flwr.supercore.inflatable.inflatable_utils')]"
+    import pathlib
+
+    import flwr
+
+    callers = sorted(str(p.relative_to(pathlib.Path(flwr.__file__).parent))
+                     for p in pathlib.Path(flwr.__file__).parent.rglob("*.py")
+                     if "pull_objects(" in p.read_text() and "tests" not in p.parts
+                     and not p.name.endswith("_test.py"))
+    assert callers == ["supercore/inflatable/inflatable_utils.py", "superlink/grid/http_grid.py",
+                       "supernode/start_client_internal.py"]
+
+
+def test_the_runner_is_woken_when_the_supernode_stored_a_message() -> None:
+    from flwr.supernode import start_client_internal as loop
+
+    assert "run_id = _pull_and_store_message(" in inspect.getsource(loop.start_client_internal)
+    code = ("import threading\n"
+            "import flwr.supernode.start_client_internal as m\n"
+            "answers = iter([None, 7])\n"
+            "m._pull_and_store_message = lambda *a, **k: next(answers)\n"
+            "from fleetfl.client.supernode import notify_on_message\n"
+            "e = threading.Event(); notify_on_message(e); notify_on_message(e)\n"
+            "first = m._pull_and_store_message(); woke_first = e.is_set()\n"
+            "second = m._pull_and_store_message()\n"
+            "print(first, woke_first, second, e.is_set())")
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
+                         text=True, timeout=120).stdout.strip()
+    assert out == "None False 7 True"
