@@ -21,6 +21,7 @@ from typing import Any
 
 from fleetfl import protocol as P
 from fleetfl.client.local import DATA_PATH, LocalTask
+from fleetfl.devices.cgroup import cgroup_memory_limit
 from fleetfl.devices.memory_planner import (
     DEFAULT_RUNTIME_BYTES,
     MIB,
@@ -84,6 +85,8 @@ def decide(cfg: Mapping[str, Any], local: LocalTask, batch_size: int, *,
     stats = _stats(str(raw))
     fraction = float(cfg.get(P.MEMORY_BUDGET_FRACTION, 0.0))
     budget = memory_budget_bytes(local.device, fraction)
+    if measure:  # a real device: its container or unit may allow less than its profile says
+        budget = min(budget, cgroup_memory_limit() or budget)
     refusal = check_plan(stats, micro, checkpointing, batch_size, budget,
                          reserved_bytes=resident_before_training(cfg, measure=measure))
     return MemoryDecision(micro, checkpointing, refusal)

@@ -14,7 +14,8 @@ and checked against the pinned Flower by ``tests/test_supernode.py``:
   has no message for it, and 0.5 s between checks for its ClientApp's reply
   (``flwr/supernode/start_client_internal.py``); no flag sets either. :func:`set_poll_interval`
   gives that module a ``time`` whose ``sleep(3)`` sleeps ``poll_s`` (default 0.5 s: one small
-  HTTPS request per device per 0.5 s while idle) and ``sleep(0.5)`` sleeps 0.05 s.
+  HTTPS request per device per 0.5 s while idle; 0.1 s for 10 s after a message came in, when
+  the round's next message is due) and ``sleep(0.5)`` sleeps 0.05 s.
 * **A 10-second heartbeat**, so a dead device is noticed within 20 s. A SuperNode promises the
   SuperLink a heartbeat every ``HEARTBEAT_DEFAULT_INTERVAL`` seconds (30 in Flower 1.42) and
   the SuperLink declares the node offline after ``HEARTBEAT_PATIENCE`` (2) intervals without
@@ -35,10 +36,13 @@ import time
 import types
 from pathlib import Path
 
+from fleetfl.logs import log_to_stderr
 from fleetfl.object_pulls import DEVICE_MODULES, fast_object_pulls
 
 HEARTBEAT_INTERVAL_S = 10.0
 IDLE_POLL_S = 0.5
+BUSY_POLL_S = 0.1
+BUSY_WINDOW_S = 10.0  # seconds after a message during which the SuperNode polls every 0.1 s
 REPLY_POLL_S = 0.05
 _FLOWER_IDLE_SLEEP_S = 3  # the literals in flwr/supernode/start_client_internal.py
 _FLOWER_REPLY_SLEEP_S = 0.5
@@ -66,30 +70,41 @@ def set_heartbeat_interval(seconds: float = HEARTBEAT_INTERVAL_S) -> None:
         module.HEARTBEAT_DEFAULT_INTERVAL = seconds  # type: ignore[attr-defined]
 
 
-def set_poll_interval(idle_s: float = IDLE_POLL_S, reply_s: float = REPLY_POLL_S) -> None:
+def set_poll_interval(idle_s: float = IDLE_POLL_S, reply_s: float = REPLY_POLL_S,
+                      busy_s: float = BUSY_POLL_S) -> None:
     """Make this process's SuperNode loop sleep ``idle_s`` (not 3 s) when the SuperLink had no
-    message, and ``reply_s`` (not 0.5 s) between checks for a reply. Other sleeps unchanged."""
-    if not 0 < reply_s <= idle_s <= _FLOWER_IDLE_SLEEP_S:
+    message, ``busy_s`` instead within ``BUSY_WINDOW_S`` of the last message it received (a
+    round's next message, e.g. a secure aggregation stage, comes within seconds), and
+    ``reply_s`` (not 0.5 s) between checks for a reply. Other sleeps unchanged."""
+    if not 0 < reply_s <= idle_s <= _FLOWER_IDLE_SLEEP_S or not 0 < busy_s <= idle_s:
         raise ValueError(f"poll intervals must satisfy 0 < {reply_s} <= {idle_s} <= "
-                         f"{_FLOWER_IDLE_SLEEP_S} s")
+                         f"{_FLOWER_IDLE_SLEEP_S} s and 0 < {busy_s} <= {idle_s}")
     import importlib
 
     module = importlib.import_module(_LOOP_MODULE)
     if getattr(module, "time", None) is not time and not isinstance(module.time, _Clock):
         raise AttributeError(f"{_LOOP_MODULE} no longer imports time: not Flower 1.42?")
-    module.time = _Clock({_FLOWER_IDLE_SLEEP_S: idle_s, _FLOWER_REPLY_SLEEP_S: reply_s})
+    module.time = _Clock({_FLOWER_IDLE_SLEEP_S: idle_s, _FLOWER_REPLY_SLEEP_S: reply_s},
+                         busy_s)
 
 
 class _Clock(types.SimpleNamespace):
-    """The ``time`` module with ``sleep`` durations remapped (``sleep(3)`` -> ``sleep(0.5)``)."""
+    """The ``time`` module with ``sleep`` durations remapped (``sleep(3)`` -> ``sleep(0.5)``,
+    or ``busy_s`` shortly after a message came in: :func:`_note_message`)."""
 
-    def __init__(self, remap: dict[float, float]) -> None:
+    def __init__(self, remap: dict[float, float], busy_s: float) -> None:
         super().__init__(**{k: getattr(time, k) for k in dir(time)
                             if not k.startswith("_") and k != "sleep"})
-        self.remap = remap
+        self.remap, self.busy_s = remap, busy_s
 
     def sleep(self, seconds: float) -> None:
-        time.sleep(self.remap.get(seconds, seconds))
+        mapped = self.remap.get(seconds, seconds)
+        if seconds == _FLOWER_IDLE_SLEEP_S and time.monotonic() - _last_message[0] < BUSY_WINDOW_S:
+            mapped = min(mapped, self.busy_s)
+        time.sleep(mapped)
+
+
+_last_message = [float("-inf")]  # time.monotonic() when the SuperNode last stored a message
 
 
 def notify_on_message(event: threading.Event) -> None:
@@ -110,6 +125,7 @@ def notify_on_message(event: threading.Event) -> None:
     def pull_and_notify(*args: object, **kwargs: object) -> int | None:
         run_id = pull(*args, **kwargs)
         if run_id is not None:
+            _last_message[0] = time.monotonic()
             event.set()
         return run_id
 
@@ -136,24 +152,12 @@ def _runtime_address(flower_argv: list[str]) -> str | None:
     return f"127.0.0.1:{args.port}" if args.isolation == "process" else None
 
 
-def _log_to_stderr() -> None:
-    """fleetfl's log lines (the runner's, the ClientApp's) next to Flower's, on stderr."""
-    import logging
-
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(levelname)-8s: fleetfl: %(message)s"))
-    logger = logging.getLogger("fleetfl")
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    logger.propagate = False
-
-
 def main() -> None:
     """Run Flower's SuperNode with this module's heartbeat, poll and (optional) runner."""
     ours, flower_argv = _our_args(sys.argv[1:])
-    _log_to_stderr()
+    log_to_stderr()
     set_heartbeat_interval()
-    set_poll_interval(ours.poll_s, min(REPLY_POLL_S, ours.poll_s))
+    set_poll_interval(ours.poll_s, min(REPLY_POLL_S, ours.poll_s), min(BUSY_POLL_S, ours.poll_s))
     fast_object_pulls(*DEVICE_MODULES)
     address = _runtime_address(flower_argv)
     if address is not None:

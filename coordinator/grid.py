@@ -21,7 +21,7 @@ from flwr.supercore.run import Run
 
 from fleetfl.object_pulls import SERVERAPP_MODULES, fast_object_pulls
 
-DEFAULT_POLL_S = 0.25
+DEFAULT_POLL_S = 0.1  # one local HTTP request to the SuperLink per 0.1 s, while a round waits
 
 
 class PollingGrid(Grid):

@@ -41,6 +41,7 @@ from fleetfl.coordinator.strategy import FleetFedProx
 from fleetfl.coordinator.transport import ModelTransport, TransportSettings
 from fleetfl.devices.clock import VirtualClock
 from fleetfl.devices.memory_planner import TrainingMemoryStats
+from fleetfl.logs import log_to_stderr
 from fleetfl.tasks.models import training_flops_per_sample
 
 RoundCallback = Callable[[dict[str, Any]], None]
@@ -263,6 +264,8 @@ def make_server_app(config: Config | None = None, on_round: RoundCallback | None
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
+        if deployed:
+            log_to_stderr()  # into serverapp.log, and its warnings onto the console
         cfg = config if config is not None else from_run_config(context.run_config)
         store = RoundStore.from_env()
         try:

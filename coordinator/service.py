@@ -202,7 +202,8 @@ class _Echo:
             if any(key in line for key in ECHOED):
                 plain = _ANSI.sub("", line)  # Flower colours its level names
                 level = "ERROR" if "ERROR" in plain else "WARNING"
-                self._say(plain.split(level, 1)[-1].strip(" :"))
+                said = plain.split(level, 1)[-1].strip(" :")
+                self._say(said.removeprefix("fleetfl:").strip())  # fleetfl.logs' format
         return self._file.write(text)
 
     def flush(self) -> None:

@@ -4,7 +4,8 @@
 process through a JSON file, so the coordinator plans work from measured, not catalogued,
 figures. What is measured and what is assumed:
 
-* ``ram_bytes``: ``MemTotal`` of /proc/meminfo (else ``sysconf``), measured.
+* ``ram_bytes``: ``MemTotal`` of /proc/meminfo (else ``sysconf``), measured, capped by the
+  process's cgroup memory limit (:mod:`fleetfl.devices.cgroup`).
 * ``memory_budget_bytes``: 50 % of RAM (the catalog's rule for headless boards), capped by the
   memory available at probe time (``MemAvailable``), so a busy machine gets a smaller budget.
 * ``train_flops_per_s``: measured by timing SGD steps of a small CNN shaped like the digits
@@ -25,6 +26,7 @@ import socket
 import time
 from pathlib import Path
 
+from fleetfl.devices.cgroup import cgroup_memory_limit
 from fleetfl.devices.profiles import MBIT_PER_S, DeviceProfile
 
 BUDGET_FRACTION = 0.5  # the catalog's headless-board rule (devices/profiles.py)
@@ -52,10 +54,15 @@ def _meminfo() -> dict[str, int]:
 
 
 def ram_bytes() -> tuple[int, int]:
-    """``(total, available)`` RAM in bytes; available = total when the OS does not say."""
+    """``(total, available)`` RAM in bytes; available = total when the OS does not say. Both
+    are capped by this process's cgroup memory limit (a container, a systemd unit)."""
     info = _meminfo()
     total = info.get("MemTotal") or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return int(total), int(info.get("MemAvailable", total))
+    available = info.get("MemAvailable", total)
+    limit = cgroup_memory_limit()
+    if limit is not None:
+        total, available = min(total, limit), min(available, limit)
+    return int(total), int(available)
 
 
 def cpu_cores() -> int:

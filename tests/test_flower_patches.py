@@ -1,6 +1,6 @@
 """The places fleetfl changes how Flower waits, checked against the pinned Flower.
 
-* :mod:`fleetfl.coordinator.grid`: the ServerApp pulls replies every 0.25 s, not every 3 s.
+* :mod:`fleetfl.coordinator.grid`: the ServerApp pulls replies every 0.1 s, not every 3 s.
 * :mod:`fleetfl.client.supernode`: a device's SuperNode heartbeats every 10 s, not 30 s, and
   polls every 0.5 s when idle, not 3 s.
 
@@ -136,22 +136,26 @@ def test_supernode_idle_poll_is_the_sleep_we_remap() -> None:
 
 
 def test_supernode_idle_poll_remaps_only_flowers_two_sleeps() -> None:
-    code = ("import time; slept = []; time.sleep = slept.append\n"
-            "from fleetfl.client.supernode import set_poll_interval as s; s(0.25, 0.02)\n"
+    code = ("import threading, time; slept = []; time.sleep = slept.append\n"
+            "import fleetfl.client.supernode as sn; sn.set_poll_interval(0.25, 0.02, 0.1)\n"
             "import flwr.supernode.start_client_internal as m\n"
             "m.time.sleep(3); m.time.sleep(0.5); m.time.sleep(1.5)\n"
+            "m._pull_and_store_message = lambda *a, **k: 5\n"  # a message came in...
+            "sn.notify_on_message(threading.Event()); m._pull_and_store_message()\n"
+            "m.time.sleep(3)\n"  # ...so the next idle poll is the busy one
             "print(slept, m.time.monotonic() > 0)")
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
                          text=True, timeout=120).stdout.strip()
-    assert out == "[0.25, 0.02, 1.5] True"
+    assert out == "[0.25, 0.02, 1.5, 0.1] True"
 
 
 def test_supernode_poll_outside_range_is_refused() -> None:
     from fleetfl.client.supernode import set_poll_interval
 
-    for idle, reply in ((0.0, 0.0), (5.0, 0.05), (0.1, 0.2)):
+    for idle, reply, busy in ((0.0, 0.0, 0.1), (5.0, 0.05, 0.1), (0.1, 0.2, 0.1),
+                              (0.5, 0.05, 1.0)):
         with pytest.raises(ValueError, match="poll intervals"):
-            set_poll_interval(idle, reply)
+            set_poll_interval(idle, reply, busy)
 
 
 def test_supernode_launcher_splits_its_flags_from_flowers() -> None:

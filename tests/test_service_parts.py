@@ -224,8 +224,9 @@ def test_the_console_echoes_the_serverapps_warnings_and_errors() -> None:
                "\x1b[93mWARNING \x1b[0m:   waiting for devices: 1 of 3 registered "
                "(federation.min_clients), 590 s left\n"
                "\x1b[93mWARNING \x1b[0m:   round 2: client 4 failed: ValueError: bad shard\n"
-               "\x1b[91mERROR \x1b[0m:     ServerApp raised\n")
+               "\x1b[91mERROR \x1b[0m:     ServerApp raised\n"
+               "WARNING : fleetfl: round 3: client 1 sent no reply in time\n")
     assert said == ["waiting for devices: 1 of 3 registered (federation.min_clients), "
                     "590 s left", "round 2: client 4 failed: ValueError: bad shard",
-                    "ServerApp raised"]
+                    "ServerApp raised", "round 3: client 1 sent no reply in time"]
     assert "[ROUND 1/3]" in sink.getvalue()  # the file keeps everything
