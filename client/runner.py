@@ -63,7 +63,7 @@ log = logging.getLogger(__name__)
 FAB_ID = "fleetfl/fleetfl-run"  # publisher/name of the FAB coordinator/control.py builds
 # An idle runner asks the local Runtime API for a task this often; with a wake event (set by
 # the SuperNode loop when a message is stored, client/supernode.py) it asks at once.
-ACQUIRE_POLL_S = 2.0
+ACQUIRE_POLL_S = 30.0
 HEARTBEAT_S = 10.0  # Flower's task heartbeat cadence is 10-20 s; the SuperNode expires at 60 s
 
 

@@ -8,13 +8,13 @@ and checked against the pinned Flower by ``tests/test_supernode.py``:
   :class:`~fleetfl.client.runner.AppRunner` thread in this same process answers every message
   (Flower would start ``flower-superexec`` plus one ``flwr-clientapp`` process per message:
   ~730 MB and ~2.5 s of imports each time; see ``client/runner.py``).
-* **Objects pulled with a 50 ms first retry** (:mod:`fleetfl.object_pulls`), not 1 s.
+* **Objects pulled with a 0.25 s first retry** (:mod:`fleetfl.object_pulls`), not 1 s.
 * **The runner wakes when a message is in** (:func:`notify_on_message`), not on a timer.
 * **A faster idle poll.** Flower's SuperNode loop sleeps a hard-coded 3 s when the SuperLink
   has no message for it, and 0.5 s between checks for its ClientApp's reply
   (``flwr/supernode/start_client_internal.py``); no flag sets either. :func:`set_poll_interval`
   gives that module a ``time`` whose ``sleep(3)`` sleeps ``poll_s`` (default 0.5 s: one small
-  HTTPS request per device per 0.5 s while idle; 0.1 s for 10 s after a message came in, when
+  HTTPS request per device per 0.5 s while idle; 0.2 s for 10 s after a message came in, when
   the round's next message is due) and ``sleep(0.5)`` sleeps 0.05 s.
 * **A 10-second heartbeat**, so a dead device is noticed within 20 s. A SuperNode promises the
   SuperLink a heartbeat every ``HEARTBEAT_DEFAULT_INTERVAL`` seconds (30 in Flower 1.42) and
@@ -41,8 +41,8 @@ from fleetfl.object_pulls import DEVICE_MODULES, fast_object_pulls
 
 HEARTBEAT_INTERVAL_S = 10.0
 IDLE_POLL_S = 0.5
-BUSY_POLL_S = 0.1
-BUSY_WINDOW_S = 10.0  # seconds after a message during which the SuperNode polls every 0.1 s
+BUSY_POLL_S = 0.2
+BUSY_WINDOW_S = 10.0  # seconds after a message during which the SuperNode polls faster
 REPLY_POLL_S = 0.05
 _FLOWER_IDLE_SLEEP_S = 3  # the literals in flwr/supernode/start_client_internal.py
 _FLOWER_REPLY_SLEEP_S = 0.5
