@@ -75,7 +75,7 @@ class PollingGrid(Grid):
 
 def fast_polling(grid: Grid, poll_s: float = DEFAULT_POLL_S) -> Grid:
     """``grid`` wrapped in :class:`PollingGrid` if it is Flower's network Grid (whose object
-    pulls then also retry after 50 ms, not 1 s: :mod:`fleetfl.object_pulls`), else itself."""
+    pulls then also retry after 0.25 s, not 1 s: :mod:`fleetfl.object_pulls`), else itself."""
     from flwr.superlink.grid.http_grid import HttpGrid
 
     if not isinstance(grid, HttpGrid):

@@ -8,13 +8,13 @@ milliseconds later, so most of that second is idle: it was the largest wait left
 round (a device's "Receiving" to "Received successfully" took 1.0-1.2 s instead of 0.1 s in
 about half the messages).
 
-:func:`fast_object_pulls` gives the named modules a ``pull_objects`` that starts at 0.25 s and
-doubles up to 2 s, with Flower's total limit (``PULL_MAX_TIME``) unchanged. (50 ms was tried:
-on 2 cores with 10 devices it only added retries to a SuperLink already busy with them.) The three callers
-in Flower 1.42 import it by name: the SuperNode loop (a device pulling from the coordinator),
-the network Grid (the ServerApp pulling replies) and ``inflatable_utils`` itself
-(``pull_and_inflate_object_from_tree``, which the device's runner uses). Checked against the
-pinned Flower by ``tests/test_flower_patches.py``.
+:func:`fast_object_pulls` gives the named modules a ``pull_objects`` that starts at 0.25 s
+and doubles up to 2 s, with Flower's total limit (``PULL_MAX_TIME``) unchanged (50 ms was
+tried: on 2 cores with 10 devices it only added retries to a SuperLink already busy with
+them). The three callers in Flower 1.42 import it by name: the SuperNode loop (a device
+pulling from the coordinator), the network Grid (the ServerApp pulling replies) and
+``inflatable_utils`` itself (``pull_and_inflate_object_from_tree``, which the device's runner
+uses). Checked against the pinned Flower by ``tests/test_flower_patches.py``.
 """
 
 from __future__ import annotations
