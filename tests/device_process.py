@@ -4,7 +4,8 @@ This is how a deployed SuperNode runs fleetfl's ClientApp (a new process per mes
 Flower's transport: the real ClientApp, in device mode (``node_config["data-path"]`` and
 ``["device"]``), gets the coordinator's train message in a fresh ``python`` process, and the
 process's peak resident memory (VmHWM) is read when it is done. Registration queries are
-answered in this process (they load only numpy and the data file). A fresh process keeps no
+answered in this process, without the runtime memory a device would report (this process's
+is not a device's). A fresh process keeps no
 ``context.state`` between rounds (masks, error feedback), so runs should be one round, or keep
 pruning and int8 error feedback off. Used by tests/test_memory_round.py and
 benchmarks/memory_planner.py.
@@ -93,6 +94,17 @@ def runtime_bytes(cfg: Mapping[str, Any], node_config: Mapping[str, Any]) -> int
     return int(proc.stdout.strip().splitlines()[-1])
 
 
+def _without_runtime(reply: Message) -> Message:
+    """A registration answered in this (test) process reports this process's memory, not a
+    device process's: drop it, so the coordinator assumes ``fleet.runtime_memory_mib`` as for
+    a device that reports none."""
+    if not reply.has_error() and P.CONFIG in reply.content.config_records:
+        cfg = reply.content[P.CONFIG]
+        if P.RUNTIME_BYTES in cfg:
+            del cfg[P.RUNTIME_BYTES]
+    return reply
+
+
 class ProcessGrid:
     """Nodes ``1000 + i`` are real devices with ``node_configs[i]``; ``peaks[node]`` is the
     VmHWM (bytes) of the process that ran the node's last train message."""
@@ -119,7 +131,7 @@ class ProcessGrid:
             else:
                 context = Context(run_id=1, node_id=node, node_config=self.nodes[node],
                                   state=RecordDict(), run_config={})
-                replies.append(client_app(msg, context))
+                replies.append(_without_runtime(client_app(msg, context)))
         return replies
 
     def _train_in_process(self, msg: Message, node: int) -> Message:

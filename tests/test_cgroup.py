@@ -29,6 +29,7 @@ from fleetfl.tasks.models import build_model
 
 
 def _fake(tmp_path: Path, proc: str, files: dict[str, str]) -> int | None:
+    tmp_path.mkdir(parents=True)
     (tmp_path / "cgroup").write_text(proc)
     for rel, text in files.items():
         (tmp_path / "root" / rel).parent.mkdir(parents=True, exist_ok=True)
