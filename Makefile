@@ -19,7 +19,7 @@ TORCH_PIN := torch==2.13.0
 TORCH_FIRST := $(if $(filter x86_64,$(ARCH)),$(PIP) install -q $(TORCH_PIN),@true)
 LATEST_VENV := .venv-latest
 
-.PHONY: demo test test-latest lint install install-dev lock check-arch clean
+.PHONY: demo test test-latest lint install install-dev lock check-arch clean pi-check
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -59,6 +59,13 @@ lint: install-dev
 test: install-dev
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q --durations=15
+
+# A device on aarch64 under qemu-user: an arm64 Debian root, the locked [device] install, and a
+# client joining a coordinator on 127.0.0.1 for 2 rounds (root, qemu-user-static, debootstrap;
+# slow: see BENCHMARKS.md). It prints one JSON line; tests/test_pi_check.py reruns the client
+# part once the root exists.
+pi-check: install-dev
+	bash scripts/pi_check.sh
 
 # The newest versions pyproject.toml allows, in a venv of their own (the locked .venv stays).
 test-latest:
