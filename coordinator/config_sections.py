@@ -25,7 +25,7 @@ class ConfigError(ValueError):
 
     def __init__(self, key: str, problem: str) -> None:
         super().__init__(f"config key '{key}': {problem}")
-        self.key = key
+        self.key, self.problem = key, problem
 
 
 def _f(default: Any, help: str) -> Any:  # noqa: A002 - mirrors argparse's name

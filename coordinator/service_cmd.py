@@ -187,9 +187,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"fleetfl: error: {err}", file=sys.stderr)
         return 2
     config = load_config(args.config, args.overrides)  # ConfigError is reported by the CLI
-    from fleetfl.coordinator.preflight import preflight
+    from fleetfl.coordinator.preflight import preflight_in_child
 
-    preflight(config, deployed=True)  # before the SuperLink starts
+    preflight_in_child(config)  # before the SuperLink starts; torch stays out of this process
     try:
         return serve(settings, config)
     except (RuntimeError, ValueError) as err:

@@ -131,6 +131,27 @@ def test_a_layer_qat_cannot_quantize_stops_the_run_at_start_up() -> None:
     preflight(load_config(None, [*TINY, "task.params.recurrent=true"]))  # without QAT: fine
 
 
+def test_the_coordinators_start_up_checks_run_in_a_child_and_name_the_key(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """`fleetfl coordinator start` runs the deployed checks in a child process (its own
+    process never loads torch): a failed check is the same ConfigError, key and words."""
+    from pathlib import Path
+
+    from fleetfl.coordinator.preflight import preflight_in_child
+
+    here = str(Path(__file__).resolve().parent)  # where test_task_api:TinyTask imports from
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [here,
+                                                                   os.environ.get("PYTHONPATH")])))
+    cfg = load_config(None, TINY)  # deployed, TinyTask lacks input_shape: a task.name error
+    with pytest.raises(ConfigError) as here:
+        preflight(cfg, deployed=True)
+    with pytest.raises(ConfigError) as child:
+        preflight_in_child(cfg)
+    assert (child.value.key, str(child.value)) == (here.value.key, str(here.value))
+    assert child.value.key == "task.name" and "input_shape" in str(child.value)
+    preflight_in_child(load_config(None, []))  # the built-in digits task passes
+
+
 def test_a_model_that_does_not_fit_its_data_stops_the_run_at_start_up() -> None:
     class Wrong(TinyTask):
         def build_model(self, seed: int) -> nn.Module:
