@@ -82,11 +82,14 @@ class ContextStore:
         return self.directory / f"context-{run_id}.pb"
 
     def save(self, context: Context) -> None:
-        """Write ``context`` atomically and drop other runs' files."""
-        self.directory.mkdir(parents=True, exist_ok=True)
+        """Write ``context`` atomically, readable by this user only (it holds the secure
+        aggregation secrets of the round in flight), and drop other runs' files."""
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         target = self.path(context.run_id)
         tmp = target.with_name(f".{target.name}.tmp")
-        tmp.write_bytes(context_to_proto(context).SerializeToString())
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as file:
+            file.write(context_to_proto(context).SerializeToString())
         os.replace(tmp, target)
         for old in self.directory.glob("context-*.pb"):
             if old != target:
@@ -128,7 +131,6 @@ class AppRunner:
         self.app = app
         self.store = store
         self.poll_s = poll_s
-        self.tasks_done = 0
 
     def _client(self, *interceptors: object, retry: bool = True) -> RuntimeHttpClient:
         return RuntimeHttpClient.from_server_address(
@@ -170,8 +172,8 @@ class AppRunner:
             pulled = time.monotonic()
             reply = self._reply(message, context, run)
             answered = time.monotonic()
-            status, details = SubStatus.COMPLETED, ""
             push_message(client, reply, context)
+            status, details = SubStatus.COMPLETED, ""
             if self.store is not None:
                 self.store.save(context)
             log.info("%s message answered in %.2f s (pull %.2f s, app %.2f s, push %.2f s)",
@@ -184,7 +186,6 @@ class AppRunner:
             beat.stop()
             push_task_output(client=client, context=context, sub_status=status, details=details)
             client.close()
-            self.tasks_done += 1
 
     def _reply(self, message: Message, context: Context, run: Run) -> Message:
         """The app's reply, or an error reply saying why it raised or was refused."""

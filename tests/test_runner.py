@@ -34,6 +34,7 @@ def test_a_restarted_device_gets_its_runs_state_back(tmp_path: Path) -> None:
     residual = fresh.state.array_records["ef"]["w"].numpy()
     assert np.array_equal(residual, np.arange(6, dtype=np.float32).reshape(2, 3))
     assert fresh.state["secagg"]["round"] == 4  # type: ignore[index]
+    assert store.path(3).stat().st_mode & 0o077 == 0  # secure aggregation secrets inside
 
 
 def test_the_store_keeps_one_run_and_restores_only_its_own(tmp_path: Path) -> None:
