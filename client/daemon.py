@@ -184,6 +184,24 @@ class Tail:
         return thread
 
 
+class _TextAsBinary:
+    """A binary sink over a text stream without ``.buffer`` (a notebook's stdout)."""
+
+    def __init__(self, text: IO[str]) -> None:
+        self.text = text
+
+    def write(self, data: bytes) -> int:
+        return self.text.write(data.decode(errors="replace"))
+
+    def flush(self) -> None:
+        self.text.flush()
+
+
+def _binary_stdout() -> IO[bytes]:
+    buffer = getattr(sys.stdout, "buffer", None)
+    return buffer if buffer is not None else _TextAsBinary(sys.stdout)  # type: ignore[return-value]
+
+
 def start_supernode(settings: ClientSettings, prepared: Prepared, out: IO[bytes],
                     retries: int | None = None) -> tuple[subprocess.Popen[bytes], Tail]:
     """Start the SuperNode, its output copied to ``out`` (and its tail kept, to explain an exit).
@@ -240,7 +258,7 @@ def run_supernode(settings: ClientSettings, prepared: Prepared, retries: int | N
     try:
         while not stopping:
             started = time.monotonic()
-            proc, tail = start_supernode(settings, prepared, sys.stdout.buffer, retries)
+            proc, tail = start_supernode(settings, prepared, _binary_stdout(), retries)
             try:
                 _wait(proc, stopping)
             finally:
