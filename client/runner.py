@@ -105,7 +105,7 @@ class ContextStore:
         except Exception as err:  # noqa: BLE001 - a torn or foreign file must not stop training
             log.warning("ignoring the saved state %s: %s", path, err)
             return False
-        if saved.node_id != context.node_id:
+        if saved.node_id != context.node_id or len(saved.state) == 0:
             return False
         context.state = saved.state
         return True

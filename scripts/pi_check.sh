@@ -48,6 +48,12 @@ if [ ! -e "$PI_ROOT/.debootstrapped" ]; then
     touch "$PI_ROOT/.debootstrapped"
 fi
 cp /etc/resolv.conf "$PI_ROOT/etc/resolv.conf"
+# The host's CA bundle, so pip in the root trusts what the host trusts (a TLS-inspecting proxy).
+HOST_CA="${SSL_CERT_FILE:-/etc/ssl/certs/ca-certificates.crt}"
+[ -f "$HOST_CA" ] && cp "$HOST_CA" "$PI_ROOT/etc/ssl/certs/ca-certificates.crt"
+# Commands in the root get a clean environment: the host's PIP_*/SSL_* settings name host paths.
+IN_ROOT=(chroot "$PI_ROOT" /usr/bin/env -i PATH=/usr/local/bin:/usr/bin:/bin HOME=/root
+         LANG=C.UTF-8)
 
 cleanup() {
     [ -n "${COORD_PID:-}" ] && kill -TERM -- "-$COORD_PID" 2>/dev/null || true
@@ -65,7 +71,7 @@ rm -rf "$WORK" && mkdir -p "$WORK"
 cp "$HERE/locks/device-aarch64.txt" "$WORK/"
 WHEEL="$(basename "$(ls "$WORK"/fleetfl-*.whl)")"
 t1=$(date +%s.%N)
-chroot "$PI_ROOT" /bin/sh -ec "
+"${IN_ROOT[@]}" /bin/sh -ec "
     [ -x /opt/fleetfl/bin/python ] || python3 -m venv /opt/fleetfl
     /opt/fleetfl/bin/python -m pip install -q --disable-pip-version-check \
         --require-hashes -r /opt/pi-check/device-aarch64.txt
@@ -84,7 +90,7 @@ setsid "$PY" -m fleetfl.coordinator.cli coordinator start --insecure --state sta
     > coordinator.log 2>&1 &
 COORD_PID=$!
 t3=$(date +%s.%N)
-setsid chroot "$PI_ROOT" /opt/fleetfl/bin/fleetfl client start --insecure \
+setsid "${IN_ROOT[@]}" /opt/fleetfl/bin/fleetfl client start --insecure \
     --coordinator "127.0.0.1:$PORT" --data /opt/pi-check/shards/client-0.npz --device rpi4 \
     --workdir /opt/pi-check/device --retries 20 > device.log 2>&1 &
 DEVICE_PID=$!

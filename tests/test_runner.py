@@ -44,6 +44,9 @@ def test_the_store_keeps_one_run_and_restores_only_its_own(tmp_path: Path) -> No
     assert [p.name for p in tmp_path.glob("context-*.pb")] == ["context-2.pb"]
     assert not store.restore(_context(run_id=1))  # an older run's state is gone
     assert not store.restore(_context(run_id=2, node_id=8))  # another node's
+    store.save(_context(run_id=2))  # a state still empty (after registering) restores nothing
+    assert not store.restore(_context(run_id=2))
+    store.save(_context(run_id=2, state=_state()))
     live = _context(run_id=2, state=RecordDict({"x": ConfigRecord({"a": 1})}))
     assert not store.restore(live) and list(live.state) == ["x"]  # live state wins
 
