@@ -1,8 +1,8 @@
 """``flower-supernode`` tuned for a device: one process, a fast poll, a 10-second heartbeat.
 
 ``python -m fleetfl.client.supernode [--state-dir DIR] [--poll-s S] [flower-supernode args]``
-runs the unmodified ``flower-supernode`` entry point after three changes, each isolated here
-and checked against the pinned Flower by ``tests/test_supernode.py``:
+runs the unmodified ``flower-supernode`` entry point after these changes, each isolated here
+and checked against the pinned Flower by ``tests/test_flower_patches.py``:
 
 * **One process.** With ``--isolation process`` among Flower's arguments, a
   :class:`~fleetfl.client.runner.AppRunner` thread in this same process answers every message
