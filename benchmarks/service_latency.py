@@ -14,7 +14,7 @@
    coordinator waits for all N: ``federation.min_clients``), plain or (``--secure``) int8 +
    SecAgg+. Round latency = the difference of consecutive rounds' ``wall_time_s`` (committed
    rows); round 1 (joining) and the last round (federated evaluation) are left out; median
-   and p95. Time to register: from ``fleetfl client start`` (once the coordinator is up) to
+   and p95. Time to register: from ``fleetfl client start`` (once the ServerApp waits) to
    the device's first reply (its SuperNode logs "Sending: query message"). A sampler reads
    the peak RSS (``VmHWM``) of each device's processes from /proc: the ``fleetfl client
    start`` supervisor, and the SuperNode (which runs the ClientApp) with any process under it.
@@ -232,8 +232,8 @@ def end_to_end(clients: int, rounds: int, root: Path, secure: bool = False) -> d
                "train_flops_per_s": 4.8e9, "uplink_bytes_per_s": 2.5e6,
                "downlink_bytes_per_s": 1.25e7, "availability": 1.0}
     (root / "device.json").write_text(json.dumps(profile))
-    up = time.monotonic()  # devices start once the coordinator says how to connect
-    while "devices connect with" not in (root / "coordinator.log").read_text(errors="replace"):
+    up = time.monotonic()  # devices start once the ServerApp waits for them
+    while "waiting for devices" not in (root / "coordinator.log").read_text(errors="replace"):
         if coord.poll() is not None or time.monotonic() - up > 300:
             raise RuntimeError(f"the coordinator did not start: see {root / 'coordinator.log'}")
         time.sleep(0.2)

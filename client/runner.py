@@ -29,6 +29,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -126,7 +127,9 @@ class AppRunner:
     """Acquire each ClientApp task from the SuperNode at ``address`` and run ``app`` on it."""
 
     def __init__(self, address: str, app: ClientApp, store: ContextStore | None = None,
-                 poll_s: float = ACQUIRE_POLL_S) -> None:
+                 poll_s: float = ACQUIRE_POLL_S,
+                 warm_up: Callable[[], object] | None = None) -> None:
+        self.warm_up = warm_up
         self.address = address
         self.app = app
         self.store = store
@@ -143,6 +146,8 @@ class AppRunner:
 
         Between tasks it waits for ``wake`` (or ``poll_s`` seconds, whichever comes first).
         """
+        if self.warm_up is not None:
+            self.warm_up()  # while the SuperNode connects, not when the first message waits
         # No retries: this loop is the retry (the Runtime API starts after this thread).
         acquirer = self._client(RuntimeVersionHttpInterceptor(component_name="SuperExec"),
                                 retry=False)
@@ -228,11 +233,14 @@ class _Heartbeat:
 
 
 def start_runner(address: str, app: ClientApp, state_dir: Path | None,
-                 wake: threading.Event | None = None) -> threading.Event:
-    """Start an :class:`AppRunner` on a daemon thread (``wake``: see :meth:`AppRunner.serve`);
-    set the returned event to stop it."""
+                 wake: threading.Event | None = None,
+                 warm_up: Callable[[], object] | None = None) -> threading.Event:
+    """Start an :class:`AppRunner` on a daemon thread (``wake``: see :meth:`AppRunner.serve`;
+    ``warm_up`` runs first, e.g. the imports training needs); set the returned event to stop
+    it."""
     stop = threading.Event()
-    runner = AppRunner(address, app, ContextStore(state_dir) if state_dir else None)
+    runner = AppRunner(address, app, ContextStore(state_dir) if state_dir else None,
+                       warm_up=warm_up)
     threading.Thread(target=runner.serve, args=(stop, wake), daemon=True,
                      name="fleetfl-clientapp-runner").start()
     return stop

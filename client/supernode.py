@@ -30,6 +30,7 @@ and checked against the pinned Flower by ``tests/test_flower_patches.py``:
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 import threading
 import time
@@ -56,8 +57,6 @@ def set_heartbeat_interval(seconds: float = HEARTBEAT_INTERVAL_S) -> None:
     Raises ``ValueError`` outside the range the SuperLink accepts, ``AttributeError`` if the
     installed Flower no longer has the globals (the pin in pyproject.toml prevents that).
     """
-    import importlib
-
     from flwr.common import constant
 
     if not constant.HEARTBEAT_MIN_INTERVAL <= seconds <= constant.HEARTBEAT_MAX_INTERVAL:
@@ -79,8 +78,6 @@ def set_poll_interval(idle_s: float = IDLE_POLL_S, reply_s: float = REPLY_POLL_S
     if not 0 < reply_s <= idle_s <= _FLOWER_IDLE_SLEEP_S or not 0 < busy_s <= idle_s:
         raise ValueError(f"poll intervals must satisfy 0 < {reply_s} <= {idle_s} <= "
                          f"{_FLOWER_IDLE_SLEEP_S} s and 0 < {busy_s} <= {idle_s}")
-    import importlib
-
     module = importlib.import_module(_LOOP_MODULE)
     if getattr(module, "time", None) is not time and not isinstance(module.time, _Clock):
         raise AttributeError(f"{_LOOP_MODULE} no longer imports time: not Flower 1.42?")
@@ -115,8 +112,6 @@ def notify_on_message(event: threading.Event) -> None:
     the task only when its message can be read: a task acquired earlier (Flower creates it
     before pulling the message's objects) waits about a second in ``PullMessages``.
     """
-    import importlib
-
     module = importlib.import_module(_LOOP_MODULE)
     pull = module._pull_and_store_message
     if getattr(pull, "_fleetfl_notifies", False):
@@ -166,7 +161,10 @@ def main() -> None:
 
         wake = threading.Event()
         notify_on_message(wake)
-        start_runner(address, app, ours.state_dir, wake)
+        # torch (~2.5 s here, much more on a small board) loads while the SuperNode connects,
+        # so the registration query, which reports the memory held ready to train, is quick.
+        start_runner(address, app, ours.state_dir, wake,
+                     warm_up=lambda: importlib.import_module("fleetfl.client.training"))
     from flwr.supernode.cli import flower_supernode
 
     sys.argv = ["flower-supernode", *flower_argv]

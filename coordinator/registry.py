@@ -57,7 +57,7 @@ class FleetRegistry:
         """Registered clients, ordered by fleet index."""
         return sorted(self._clients.values(), key=lambda c: c.index)
 
-    def wait_for(self, grid: Grid, min_clients: int, wait_s: float, poll_s: float = 1.0,
+    def wait_for(self, grid: Grid, min_clients: int, wait_s: float, poll_s: float = 0.25,
                  clock: Callable[[], float] = time.monotonic) -> None:
         """Refresh until ``min_clients`` nodes are registered, logging every ~10 s while it
         waits; raise :class:`FleetTooSmall` after ``wait_s`` seconds."""
