@@ -19,18 +19,14 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
-from fleetfl.client.runtime import ModelLoadError, load_runtime, median_latency_ms
-from fleetfl.coordinator.checkpoint import (
-    Checkpoint,
-    CheckpointError,
-    load_checkpoint,
-    load_task_dataset,
-)
+if TYPE_CHECKING:  # torch, the checkpoint and the runtimes load only when a command runs:
+    import torch  # `fleetfl` builds every command's parser, the coordinator's too.
+
+    from fleetfl.coordinator.checkpoint import Checkpoint
 
 COMMANDS = ("export", "evaluate")
 TASK_KEY, EXPORT_KEY = "fleetfl.task", "fleetfl.export"
@@ -80,6 +76,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``export`` or ``evaluate``; 0 on success, 2 on a user error (message on stderr)."""
+    from fleetfl.client.runtime import ModelLoadError
+    from fleetfl.coordinator.checkpoint import CheckpointError
+
     try:
         if args.command == "export":
             print(json.dumps(export(args), indent=2))
@@ -95,6 +94,8 @@ def run(args: argparse.Namespace) -> int:
 
 def calibration_inputs(task: dict[str, Any], n: int, seed: int = 0) -> np.ndarray:
     """``n`` training inputs drawn at random from all clients' data (client-like data)."""
+    from fleetfl.coordinator.checkpoint import load_task_dataset
+
     union = load_task_dataset(task).train_union()
     idx = np.random.default_rng(seed).permutation(len(union))[: max(1, n)]
     return union.x[idx]
@@ -102,6 +103,8 @@ def calibration_inputs(task: dict[str, Any], n: int, seed: int = 0) -> np.ndarra
 
 def export(args: argparse.Namespace) -> dict[str, Any]:
     """``fleetfl export``: write the file; return what was written."""
+    from fleetfl.coordinator.checkpoint import load_checkpoint
+
     out = Path(args.out)
     suffix = {"onnx": ".onnx", "tflite": ".tflite"}[args.format]
     if out.suffix.lower() != suffix:
@@ -137,6 +140,8 @@ def export(args: argparse.Namespace) -> dict[str, Any]:
 def _prune(ckpt: Checkpoint, model: torch.nn.Module, ratio: float, epochs: int,
            qat: bool) -> torch.nn.Module:
     """Structured pruning, then ``epochs`` of fine-tuning on the clients' training union."""
+    import torch
+
     from fleetfl.compression.structured import finetune, structured_prune
 
     example = torch.zeros((1, *ckpt.input_shape), dtype=getattr(torch, ckpt.input_dtype))
@@ -162,6 +167,11 @@ def model_metadata(path: Path) -> dict[str, str]:
 
 def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     """``fleetfl evaluate``: accuracy, size and latency of the file (and of the torch model)."""
+    import torch
+
+    from fleetfl.client.runtime import load_runtime
+    from fleetfl.coordinator.checkpoint import load_checkpoint, load_task_dataset
+
     path = Path(args.model)
     runtime = load_runtime(path, threads=args.threads)
     ckpt = load_checkpoint(args.checkpoint) if args.checkpoint else None
@@ -203,6 +213,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
 def _figures(predict: Any, logits: np.ndarray, x: np.ndarray, y: np.ndarray, repeats: int,
              size: int) -> dict[str, float]:
     """Accuracy, size and latencies (batch of 1, and per example over the whole test set)."""
+    from fleetfl.client.runtime import median_latency_ms
+
     one = x[:1]
     batch_ms = median_latency_ms(predict, x, repeats=max(1, repeats // 10), warmup=1)
     return {"accuracy": float((logits.argmax(1) == y).mean()), "size_bytes": int(size),

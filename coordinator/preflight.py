@@ -87,30 +87,6 @@ def check_simulation(config: Config) -> None:
                           f"device of fleet.mix (largest budget {max(budgets) / 2**20:.0f} MiB)")
 
 
-def preflight_in_child(config: Config, *, timeout_s: float = 600.0) -> None:
-    """:func:`preflight` (deployed) in a child process, so that the calling process (the
-    coordinator's long-lived supervisor) never loads torch and the model: ~220 MB it would
-    otherwise hold for the whole run. A failed check raises the child's ``ConfigError``
-    (same key, same message); a crash raises ``RuntimeError`` with its stderr."""
-    import json
-    import subprocess
-    import sys
-
-    from fleetfl.coordinator.config import to_run_config
-
-    done = subprocess.run([sys.executable, "-m", "fleetfl.coordinator.preflight"],
-                          input=json.dumps(to_run_config(config)), capture_output=True,
-                          text=True, timeout=timeout_s, check=False)
-    if done.returncode == 0:
-        return
-    lines = done.stdout.strip().splitlines()
-    if done.returncode == 2 and lines:
-        error = json.loads(lines[-1])
-        raise ConfigError(error["key"], error["problem"])
-    raise RuntimeError(f"the start-up checks crashed (exit {done.returncode}): "
-                       f"{done.stderr.strip()[-2000:]}")
-
-
 def _main() -> int:
     """``python -m fleetfl.coordinator.preflight`` < run config JSON: the deployed checks;
     exit 2 with ``{"key", "problem"}`` on stdout for a ConfigError."""

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from fleetfl.coordinator.config import Config, load_config
+from fleetfl.coordinator.config import Config, ConfigError, load_config
 from fleetfl.coordinator.service import (
     Coordinator,
     ServiceSettings,
@@ -187,11 +187,35 @@ def run(args: argparse.Namespace) -> int:
         print(f"fleetfl: error: {err}", file=sys.stderr)
         return 2
     config = load_config(args.config, args.overrides)  # ConfigError is reported by the CLI
-    from fleetfl.coordinator.preflight import preflight_in_child
-
     preflight_in_child(config)  # before the SuperLink starts; torch stays out of this process
     try:
         return serve(settings, config)
     except (RuntimeError, ValueError) as err:
         print(f"fleetfl: error: {err}", file=sys.stderr)
         return 1
+
+
+def preflight_in_child(config: Config, *, timeout_s: float = 600.0) -> None:
+    """``fleetfl.coordinator.preflight.preflight`` (deployed) in a child process, so that the
+    calling process (the coordinator's long-lived supervisor) never loads torch and the model
+    (``preflight.py`` imports torch): ~220 MB it would
+    otherwise hold for the whole run. A failed check raises the child's ``ConfigError``
+    (same key, same message); a crash raises ``RuntimeError`` with its stderr."""
+    import json
+    import subprocess
+    import sys
+
+    from fleetfl.coordinator.config import to_run_config
+
+    done = subprocess.run([sys.executable, "-m", "fleetfl.coordinator.preflight"],
+                          input=json.dumps(to_run_config(config)), capture_output=True,
+                          text=True, timeout=timeout_s, check=False)
+    if done.returncode == 0:
+        return
+    lines = done.stdout.strip().splitlines()
+    if done.returncode == 2 and lines:
+        error = json.loads(lines[-1])
+        raise ConfigError(error["key"], error["problem"])
+    raise RuntimeError(f"the start-up checks crashed (exit {done.returncode}): "
+                       f"{done.stderr.strip()[-2000:]}")
+

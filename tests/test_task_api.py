@@ -137,7 +137,7 @@ def test_the_coordinators_start_up_checks_run_in_a_child_and_name_the_key(
     process never loads torch): a failed check is the same ConfigError, key and words."""
     from pathlib import Path
 
-    from fleetfl.coordinator.preflight import preflight_in_child
+    from fleetfl.coordinator.service_cmd import preflight_in_child
 
     here = str(Path(__file__).resolve().parent)  # where test_task_api:TinyTask imports from
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [here,
