@@ -38,7 +38,7 @@ import types
 from pathlib import Path
 
 from fleetfl.logs import log_to_stderr
-from fleetfl.object_pulls import DEVICE_MODULES, fast_object_pulls
+from fleetfl.object_pulls import DEVICE_MODULES, bounded_runner_pulls, fast_object_pulls
 
 HEARTBEAT_INTERVAL_S = 10.0
 IDLE_POLL_S = 0.5
@@ -154,6 +154,7 @@ def main() -> None:
     set_heartbeat_interval()
     set_poll_interval(ours.poll_s, min(REPLY_POLL_S, ours.poll_s), min(BUSY_POLL_S, ours.poll_s))
     fast_object_pulls(*DEVICE_MODULES)
+    bounded_runner_pulls()
     address = _runtime_address(flower_argv)
     if address is not None:
         from fleetfl.client.app import app

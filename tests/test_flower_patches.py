@@ -172,11 +172,14 @@ def test_supernode_launcher_splits_its_flags_from_flowers() -> None:
 def test_object_pulls_are_the_three_callers_of_flowers_pull_objects() -> None:
     """Every module of Flower 1.42 that calls pull_objects imports it by name (so the swap
     reaches it), and the swap keeps Flower's function with a 0.25 s first retry."""
-    code = ("from fleetfl.object_pulls import DEVICE_MODULES, SERVERAPP_MODULES, "
-            "fast_object_pulls as f\n"
+    code = ("from fleetfl.object_pulls import DEVICE_MODULES, "
+            "SERVERAPP_MODULES, fast_object_pulls as f, bounded_runner_pulls as b\n"
             "import importlib\n"
             "mods = DEVICE_MODULES + SERVERAPP_MODULES\n"
-            "f(*mods); f(*mods)\n"  # idempotent
+            "f(*mods); f(*mods); b(); b()\n"  # idempotent
+            "r = importlib.import_module('flwr.supernode.runtime.run_clientapp')\n"
+            "k = r.pull_and_inflate_object_from_tree.keywords\n"
+            "assert (k['max_time'], k['initial_backoff']) == (20.0, 0.25), k\n"
             "from flwr.supercore.inflatable import inflatable_utils as u\n"
             "print(sorted({(importlib.import_module(m).pull_objects.keywords['initial_backoff'],"
             " importlib.import_module(m).pull_objects.func.__module__) for m in mods}))")
