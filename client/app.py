@@ -2,9 +2,10 @@
 
 The same app runs in Flower's simulation engine (one virtual SuperNode per client, identified by
 ``node_config["partition-id"]``) and, unchanged, inside a SuperNode on a device. This module
-imports no torch: a device answers the coordinator's ``register`` query (and the secure
-aggregation stages) without it, so it registers in about a second after it connects; the
-training and evaluation handlers (:mod:`fleetfl.client.training`) import torch on first use.
+imports no torch: the secure aggregation stages and a simulated client's registration run
+without it, and the training and evaluation handlers (:mod:`fleetfl.client.training`) import
+it on first use. A real device's registration does load it, to report the memory its process
+holds ready to train (its runner pre-loads torch while the SuperNode connects).
 """
 
 from __future__ import annotations

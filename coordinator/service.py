@@ -201,7 +201,8 @@ class _Echo:
         for line in text.splitlines():
             if any(key in line for key in ECHOED):
                 plain = _ANSI.sub("", line)  # Flower colours its level names
-                level = "ERROR" if "ERROR" in plain else "WARNING"
+                # The line's level is its first of WARNING/ERROR (the text may hold the other).
+                level = min(("WARNING", "ERROR"), key=lambda k: plain.find(k) % (len(plain) + 1))
                 said = plain.split(level, 1)[-1].strip(" :")
                 self._say(said.removeprefix("fleetfl:").strip())  # fleetfl.logs' format
         return self._file.write(text)
