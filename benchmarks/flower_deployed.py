@@ -18,7 +18,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -28,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import emit
+from fleetfl.client.daemon import free_port
 
 PYPROJECT = """
 [build-system]
@@ -102,11 +102,6 @@ def train(msg: Message, context: Context) -> Message:
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
 
 def _bin(name: str) -> str:
     return str(Path(sys.executable).parent / name)
@@ -130,7 +125,7 @@ def run(nodes: int, rounds: int, root: Path) -> dict[str, Any]:
     env = {**os.environ, "FLWR_HOME": str(root / "flwr"), "FLWR_TELEMETRY_ENABLED": "0",
            "FLWR_DISABLE_UPDATE_CHECK": "1",
            "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"]}
-    port = _free_port()
+    port = free_port()
     procs = []
 
     def start(argv: list[str], log: str) -> None:
@@ -148,7 +143,7 @@ def run(nodes: int, rounds: int, root: Path) -> dict[str, Any]:
         control.wait_ready(120)
         for i in range(nodes):
             start([_bin("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{port}",
-                   "--port", str(_free_port()), "--node-config", f"partition-id={i}"],
+                   "--port", str(free_port()), "--node-config", f"partition-id={i}"],
                   f"supernode-{i}.log")
         started = time.monotonic()
         run_id = control.start_run(build_tiny_fab(rounds, nodes, times))

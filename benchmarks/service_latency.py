@@ -30,7 +30,6 @@ import json
 import os
 import shlex
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -41,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import emit
+from fleetfl.client.daemon import free_port
 
 CLI = shlex.split(os.environ.get("FLEETFL_CLI", f"{sys.executable} -m fleetfl.coordinator.cli"))
 _PROBE = r"""
@@ -177,11 +177,6 @@ class PeakMemory(threading.Thread):
                     self.peak[kind] = max(self.peak.get(kind, 0), hwm)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
 
 class Registered(threading.Thread):
     """Seconds from start to each device's first reply (in its log), polled every 0.1 s."""
@@ -215,7 +210,7 @@ def end_to_end(clients: int, rounds: int, root: Path, secure: bool = False) -> d
                stdout=subprocess.DEVNULL).wait(300) == 0
     assert cli("data", "split", "--dataset", "digits", "--num-clients", str(clients),
                "--out", "shards", stdout=subprocess.DEVNULL).wait(300) == 0
-    port = _free_port()
+    port = free_port()
     sets = [f"federation.rounds={rounds}", f"federation.num_clients={clients}",
             f"federation.clients_per_round={clients}", f"federation.min_clients={clients}",
             "federation.round_timeout_s=600", f"federation.evaluate_every={rounds}",

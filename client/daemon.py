@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import IO
 
 from fleetfl.client.exits import explain_exit
-from fleetfl.client.local import AUTO, resolve_device, write_profile
+from fleetfl.client.local import AUTO, load_checked, resolve_device, write_profile
 from fleetfl.tasks.data_format import load_npz
 from fleetfl.tasks.registry import pythonpath_with_cwd
 
@@ -91,17 +91,13 @@ def check_data_fits(settings: ClientSettings) -> None:
     """Raise ``ValueError`` naming the file and array if the data does not fit the task."""
     import json
 
-    from fleetfl.tasks.data_format import check_task
     from fleetfl.tasks.registry import resolve_task
 
     try:
         task = resolve_task(str(settings.task), json.loads(settings.task_params))
     except (ImportError, KeyError, TypeError, json.JSONDecodeError) as err:
         raise ValueError(f"--task {settings.task}: {err}") from None
-    path = str(settings.data)
-    test = task.load_local_test(path)
-    for split in (task.load_local(path), test) if test is not None else (task.load_local(path),):
-        check_task(split, path, task.input_shape, task.num_classes)
+    load_checked(task, str(settings.data))
 
 
 def free_port() -> int:

@@ -156,9 +156,7 @@ def _load_device(settings: TaskSettings, task: Task, data_path: str, stamp: tupl
                  device: str, index: int | None) -> LocalTask:
     """A device's shard and profile, read once per process (a persistent device process
     answers every message of a run) and again when the file changes."""
-    data, test = task.load_local(data_path), task.load_local_test(data_path)
-    for split in (data, test) if test is not None else (data,):
-        check_task(split, data_path, task.input_shape, task.num_classes)
+    data, test = load_checked(task, data_path)
     return LocalTask(
         index=default_index(data_path) if index is None else index,
         device=resolve_device(device),
@@ -168,6 +166,15 @@ def _load_device(settings: TaskSettings, task: Task, data_path: str, stamp: tupl
         seed=settings.seed,
         test=test,
     )
+
+
+def load_checked(task: Task, data_path: str) -> tuple[Split, Split | None]:
+    """A device's training and (optional) test split from ``data_path``, checked against the
+    task's input shape and classes (``DataFormatError``, a ValueError, names file and array)."""
+    data, test = task.load_local(data_path), task.load_local_test(data_path)
+    for split in (data, test) if test is not None else (data,):
+        check_task(split, data_path, task.input_shape, task.num_classes)
+    return data, test
 
 
 def default_index(data_path: str) -> int:

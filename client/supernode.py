@@ -87,7 +87,7 @@ def set_poll_interval(idle_s: float = IDLE_POLL_S, reply_s: float = REPLY_POLL_S
 
 class _Clock(types.SimpleNamespace):
     """The ``time`` module with ``sleep`` durations remapped (``sleep(3)`` -> ``sleep(0.5)``,
-    or ``busy_s`` shortly after a message came in: :func:`_note_message`)."""
+    or ``busy_s`` shortly after a message came in, as :func:`notify_on_message` records)."""
 
     def __init__(self, remap: dict[float, float], busy_s: float) -> None:
         super().__init__(**{k: getattr(time, k) for k in dir(time)

@@ -1,6 +1,7 @@
 """The ClientApp's ``train`` and ``evaluate`` handlers: FedProx local SGD and federated
-evaluation with torch (imported here, so :mod:`fleetfl.client.app` can answer a ``register``
-query without it)."""
+evaluation with torch (imported here, so :mod:`fleetfl.client.app` imports no torch: a
+simulated client registers and every client answers the secure aggregation stages without
+it)."""
 
 from __future__ import annotations
 

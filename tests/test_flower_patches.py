@@ -24,6 +24,13 @@ from flwr.supercore.task_identity import TaskIdentity
 from fleetfl.coordinator.grid import PollingGrid, fast_polling
 
 
+def _fresh_python(code: str) -> str:
+    """``code``'s stdout (stripped) from a fresh interpreter, so the patches it applies stay
+    out of this test process."""
+    return subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
+                          text=True, timeout=120).stdout.strip()
+
+
 class _SlowRepliesGrid(Grid):
     """Each pushed message's reply becomes pullable ``delay_s`` after the push (or never)."""
 
@@ -113,9 +120,7 @@ def test_supernode_heartbeat_interval_reaches_flowers_requests() -> None:
     code = ("from fleetfl.client.supernode import set_heartbeat_interval as s; s(); "
             "import flwr.supernode.fleet_http_connection as c, flwr.supercore.heartbeat as h; "
             "print(c.HEARTBEAT_DEFAULT_INTERVAL, h.HEARTBEAT_DEFAULT_INTERVAL)")
-    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
-                         text=True, timeout=120).stdout.split()
-    assert out == ["10.0", "10.0"]
+    assert _fresh_python(code).split() == ["10.0", "10.0"]
 
 
 def test_supernode_heartbeat_interval_outside_flowers_range_is_refused() -> None:
@@ -144,9 +149,7 @@ def test_supernode_idle_poll_remaps_only_flowers_two_sleeps() -> None:
             "sn.notify_on_message(threading.Event()); m._pull_and_store_message()\n"
             "m.time.sleep(3)\n"  # ...so the next idle poll is the busy one
             "print(slept, m.time.monotonic() > 0)")
-    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
-                         text=True, timeout=120).stdout.strip()
-    assert out == "[0.25, 0.02, 1.5, 0.1] True"
+    assert _fresh_python(code) == "[0.25, 0.02, 1.5, 0.1] True"
 
 
 def test_supernode_poll_outside_range_is_refused() -> None:
@@ -183,9 +186,7 @@ def test_object_pulls_are_the_three_callers_of_flowers_pull_objects() -> None:
             "from flwr.supercore.inflatable import inflatable_utils as u\n"
             "print(sorted({(importlib.import_module(m).pull_objects.keywords['initial_backoff'],"
             " importlib.import_module(m).pull_objects.func.__module__) for m in mods}))")
-    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
-                         text=True, timeout=120).stdout.strip()
-    assert out == "[(0.25, 'flwr.supercore.inflatable.inflatable_utils')]"
+    assert _fresh_python(code) == "[(0.25, 'flwr.supercore.inflatable.inflatable_utils')]"
     import pathlib
 
     import flwr
@@ -211,6 +212,4 @@ def test_the_runner_is_woken_when_the_supernode_stored_a_message() -> None:
             "first = m._pull_and_store_message(); woke_first = e.is_set()\n"
             "second = m._pull_and_store_message()\n"
             "print(first, woke_first, second, e.is_set())")
-    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
-                         text=True, timeout=120).stdout.strip()
-    assert out == "None False 7 True"
+    assert _fresh_python(code) == "None False 7 True"
