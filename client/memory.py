@@ -92,6 +92,29 @@ def decide(cfg: Mapping[str, Any], local: LocalTask, batch_size: int, *,
     return MemoryDecision(micro, checkpointing, refusal)
 
 
+def decide_program(cfg: Mapping[str, Any], local: LocalTask, program_bytes: int,
+                   batch_size: int, *, measure: bool) -> MemoryDecision:
+    """The admission test of a client training in ExecuTorch's runtime.
+
+    The runtime's training memory is known exactly, not traced: ``program_bytes`` is the
+    program's weights plus the mutable arena ExecuTorch's memory planner sized for its largest
+    batch (activations, gradients; the arena does not shrink for smaller passes, so the
+    plan's micro-batch only splits the work). It must fit the device's budget next to what
+    the process already holds (:func:`resident_before_training`).
+    """
+    micro, _ = config_settings(cfg, batch_size)
+    fraction = float(cfg.get(P.MEMORY_BUDGET_FRACTION, 0.0))
+    budget = memory_budget_bytes(local.device, fraction)
+    if measure:
+        budget = min(budget, cgroup_memory_limit() or budget)
+    reserved = resident_before_training(cfg, measure=measure)
+    if reserved + program_bytes <= budget:
+        return MemoryDecision(micro, False, None)
+    return MemoryDecision(micro, False, (
+        f"the ExecuTorch training program needs {program_bytes} bytes next to {reserved} "
+        f"already resident, over this device's budget of {budget} bytes"))
+
+
 @functools.lru_cache(maxsize=8)
 def _stats(raw: str) -> TrainingMemoryStats:
     """Parsed once per process: the JSON is the same in every round of a run."""

@@ -12,7 +12,7 @@ squared norm of the paper. ``mu = 0`` is plain local SGD, i.e. FedAvg's client.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -86,36 +86,45 @@ def fedprox_train(
     params = [p for p in model.parameters() if p.requires_grad]
     anchor = [p.detach().clone() for p in params]
     loss_fn = loss_fn if loss_fn is not None else nn.CrossEntropyLoss()
-    gen = torch.Generator().manual_seed(seed)
     model.train()
     if checkpointing:
         model.set_checkpointing(True)  # type: ignore[operator]
     losses = torch.zeros(steps)
     samples, done = 0, 0
-    while done < steps:
-        order = torch.randperm(n, generator=gen)
-        for start in range(0, n, batch_size):
-            idx = order[start : start + batch_size]
-            for p in params:
-                p.grad = None
-            if micro_batch is None or micro_batch >= len(idx):
-                loss = loss_fn(model(x[idx]), y[idx])
-                loss.backward()
-            else:
-                loss = _accumulate_gradients(model, loss_fn, x, y, idx, micro_batch)
-            if mu > 0:
-                add_proximal_gradient_(params, anchor, mu)
-            sgd_step_(params, lr)
-            if post_step is not None:
-                post_step()
-            losses[done] = loss.detach()
-            samples += len(idx)
-            done += 1
-            if done == steps:
-                break
+    for idx in batch_indices(n, batch_size, steps, seed):
+        for p in params:
+            p.grad = None
+        if micro_batch is None or micro_batch >= len(idx):
+            loss = loss_fn(model(x[idx]), y[idx])
+            loss.backward()
+        else:
+            loss = _accumulate_gradients(model, loss_fn, x, y, idx, micro_batch)
+        if mu > 0:
+            add_proximal_gradient_(params, anchor, mu)
+        sgd_step_(params, lr)
+        if post_step is not None:
+            post_step()
+        losses[done] = loss.detach()
+        samples += len(idx)
+        done += 1
     if checkpointing:
         model.set_checkpointing(False)  # type: ignore[operator]
     return SolverResult(steps=done, samples=samples, mean_loss=float(losses.mean()))
+
+
+def batch_indices(n: int, batch_size: int, steps: int, seed: int) -> Iterator[torch.Tensor]:
+    """The ``steps`` mini-batches (int64 index tensors into ``n`` examples) of a local round:
+    a fresh seeded permutation per epoch, walked in order (the last batch of an epoch may be
+    smaller). Both runtimes (torch, ExecuTorch) draw exactly these."""
+    gen = torch.Generator().manual_seed(seed)
+    done = 0
+    while done < steps:
+        order = torch.randperm(n, generator=gen)
+        for start in range(0, n, batch_size):
+            yield order[start : start + batch_size]
+            done += 1
+            if done == steps:
+                return
 
 
 def _accumulate_gradients(

@@ -16,7 +16,7 @@ import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any, get_args, get_type_hints
 
 from fleetfl.coordinator.config_sections import (
     MAX_CLIENTS,
@@ -122,8 +122,9 @@ def _coerce(key: str, value: Any, expected: Any) -> Any:
     elif expected == dict[str, Any]:  # a free table: the task's keyword arguments
         if isinstance(value, Mapping):
             return {str(k): v for k, v in value.items()}
-    elif isinstance(value, Mapping):  # Mapping[str, float]
-        return {str(k): _coerce(f"{key}.{k}", v, float) for k, v in value.items()}
+    elif isinstance(value, Mapping):  # Mapping[str, float] or Mapping[str, str]
+        item = get_args(expected)[1] if get_args(expected) else float
+        return {str(k): _coerce(f"{key}.{k}", v, item) for k, v in value.items()}
     name = getattr(expected, "__name__", None) or "table"
     raise ConfigError(key, f"expected {name}, got {type(value).__name__} {value!r}")
 
@@ -155,7 +156,16 @@ def from_dict(data: Mapping[str, Any]) -> Config:
         sections[name] = _build_section(name, values)
     config = Config(**sections)
     _check_secagg(config)
+    _check_executorch(config)
     return config
+
+
+def _check_executorch(config: Config) -> None:
+    """ExecuTorch's training program has no fake-quant step: QAT needs torch clients."""
+    if "executorch" in config.fleet.runtimes.values() and config.compression.qat:
+        raise ConfigError("compression.qat", "fake-quant training is not available in the "
+                                             "ExecuTorch runtime (fleet.runtimes maps a "
+                                             "profile to it); set compression.qat = false")
 
 
 def _check_secagg(config: Config) -> None:

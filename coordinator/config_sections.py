@@ -164,8 +164,15 @@ class FleetConfig:
         DEFAULT_RUNTIME_BYTES / MIB, "MiB a client process holds before training (Python, "
         "torch, Flower, model, data), reserved in every memory plan; a real device measures "
         "its own")
+    runtimes: Mapping[str, str] = field(
+        default_factory=dict,
+        metadata={"help": "training runtime per device profile, e.g. {phone-mid = "
+                          "\"executorch\"} (what phones run; needs fleetfl[executorch]); "
+                          "unlisted profiles train in torch"},
+    )
 
     def check(self) -> None:
+        _check_runtimes(self.runtimes)
         try:
             parse_mix(self.mix)
         except ValueError as err:
@@ -183,6 +190,29 @@ class FleetConfig:
     def runtime_memory_bytes(self) -> int:
         """``runtime_memory_mib`` in bytes."""
         return round(self.runtime_memory_mib * MIB)
+
+
+def _check_runtimes(runtimes: Mapping[str, str]) -> None:
+    from fleetfl.client.programs import EXECUTORCH, RUNTIMES
+    from fleetfl.devices.profiles import get_profile
+
+    if not isinstance(runtimes, Mapping):
+        raise ConfigError("fleet.runtimes", "must be a table {profile = runtime}")
+    for profile, runtime in runtimes.items():
+        try:
+            get_profile(profile)
+        except (KeyError, ValueError) as err:
+            raise ConfigError("fleet.runtimes", str(err).strip("'\"")) from None
+        if runtime not in RUNTIMES:
+            raise ConfigError("fleet.runtimes", f"{profile} = {runtime!r}: valid runtimes are "
+                                                f"{', '.join(RUNTIMES)}")
+    if EXECUTORCH in runtimes.values():
+        from fleetfl.client.executorch_api import ExecuTorchMissing, require
+
+        try:
+            require()
+        except ExecuTorchMissing as err:
+            raise ConfigError("fleet.runtimes", str(err)) from None
 
 
 @dataclass(frozen=True)

@@ -62,7 +62,7 @@ def message_config(config: Config) -> ConfigRecord:
     """The settings every client needs, as one flat ``ConfigRecord``."""
     flat = to_run_config(config)
     keep = ("task.", "fleet.mix", "fleet.seed", "fleet.memory_budget_fraction",
-            "fleet.runtime_memory_mib", "federation.num_clients",
+            "fleet.runtime_memory_mib", "fleet.runtimes", "federation.num_clients",
             "compression.update_bits", "compression.error_feedback", "compression.qat",
             "compression.entropy_coding", "aggregation.clip_norm")
     cfg = {k: v for k, v in flat.items() if k.startswith(keep)}

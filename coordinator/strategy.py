@@ -83,6 +83,7 @@ class RoundStats:
     secagg_aborted: int = 0  # 1: too few clients to unmask; no model update this round
     norm_bounded: int = 0  # readable updates scaled down to the round's norm bound
     secagg_refused: int = 0  # 1: the unmasked sum was out of honest bounds; no model update
+    executorch: int = 0  # replies whose client says it trained in ExecuTorch's runtime
 
 
 @dataclass(frozen=True)
@@ -227,6 +228,7 @@ class FleetFedProx(FedProx):
                             "refused its work plan" if refused else "failed", msg.error.reason)
                 continue
             answered.add(node)
+            stats.executorch += _says_executorch(msg)
             up = P.record_bytes(msg.content)
             stats.uplink_bytes += up
             stats.received += 1
@@ -336,6 +338,12 @@ class FleetFedProx(FedProx):
                                                 dequantize=False)
         except ValueError as err:  # CodecError included
             raise ReplyError(str(err)) from None
+
+
+def _says_executorch(msg: Message) -> bool:
+    """The reply's claim to have trained in ExecuTorch (informational: counted, not trusted)."""
+    metrics = msg.content.metric_records.get(P.METRICS)
+    return metrics is not None and metrics.get(P.TRAINED_IN_EXECUTORCH) == 1
 
 
 def _plain_flower_reply_bytes(arrays: ArrayRecord) -> int:

@@ -57,6 +57,7 @@ RUNTIME_BYTES = "runtime-bytes"  # register: a real device's resident bytes befo
 SAMPLES_PROCESSED = "samples-processed"
 STEPS = "steps"
 TRAIN_LOSS = "train-loss"
+TRAINED_IN_EXECUTORCH = "executorch"  # 1: the client trained in ExecuTorch's runtime (a phone's)
 CLIP_TAIL = "clip-tail"  # int8 tail counts of the client's quantized values (list[int])
 # int8 transport: the client quantizes UPDATE_WEIGHT * Δ, ω_k = n_k |C| / Σ_C n_j (the cohort's
 # mean is 1), so the coordinator's average is an integer sum: Σ q_k · scale / Σ ω_k.
