@@ -16,7 +16,7 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from fleetfl import protocol as P
-from fleetfl.client import secure
+from fleetfl.client import programs, secure
 from fleetfl.client.local import load_local_task, task_settings
 from fleetfl.client.memory import is_real_device, measured_runtime
 from fleetfl.tasks.task import Task
@@ -69,6 +69,8 @@ def query(msg: Message, context: Context, task: Task | None = None) -> Message:
         }
     )
     if is_real_device(context.node_config):
+        if programs.runtime_of(cfg, context.node_config, local) == programs.EXECUTORCH:
+            programs.runner_for(local, context.node_config)  # loaded before it is measured
         runtime = measured_runtime(local)
         if runtime is not None:
             reply[P.RUNTIME_BYTES] = runtime

@@ -66,6 +66,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                        help="give up after N failed connection attempts in a row, whatever "
                             "the reason (default: keep trying, e.g. while the coordinator "
                             "restarts)")
+    start.add_argument("--runtime", choices=("torch", "executorch"), default="torch",
+                       help="train in torch (default) or in ExecuTorch's training runtime, "
+                            "as a phone does (needs pip install 'fleetfl[executorch]')")
+    start.add_argument("--program", metavar="FILE.pte",
+                       help="with --runtime executorch: the training program from `fleetfl "
+                            "export --format executorch-train` (its FILE.pte.json beside it); "
+                            "default: export the task's program when the first round comes")
     probe = sub.add_parser("probe", help="measure this machine and print its device profile")
     probe.add_argument("--seconds", type=float, default=1.0, help="benchmark duration")
     return client
@@ -104,6 +111,7 @@ def settings_from_args(args: argparse.Namespace) -> ClientSettings:
         raise ValueError(f"--poll {args.poll}: must be in (0, 3] seconds")
     if args.retries is not None and args.retries < 0:
         raise ValueError(f"--retries {args.retries}: must be 0 or more")
+    _check_runtime(args.runtime, args.program)
     try:
         json.loads(args.task_params)
     except json.JSONDecodeError as err:
@@ -118,7 +126,27 @@ def settings_from_args(args: argparse.Namespace) -> ClientSettings:
         coordinator=args.coordinator, data=data, device=args.device, tls_ca=path(args.tls_ca),
         auth_key=path(args.auth_key), workdir=workdir, index=args.index,
         runtime_port=args.runtime_port, threads=args.threads, poll_s=args.poll,
-        task=args.task, task_params=args.task_params)
+        task=args.task, task_params=args.task_params, runtime=args.runtime,
+        program=path(args.program))
+
+
+def _check_runtime(runtime: str, program: str | None) -> None:
+    """``--runtime executorch`` needs the pinned ExecuTorch; ``--program`` needs it and a
+    manifest beside the file (ValueError naming the flag)."""
+    if program is not None and runtime != "executorch":
+        raise ValueError("--program is the ExecuTorch training program: add --runtime executorch")
+    if runtime == "executorch":
+        from fleetfl.client.executorch_api import ExecuTorchMissing, require
+
+        try:
+            require()
+        except ExecuTorchMissing as err:
+            raise ValueError(f"--runtime executorch: {err}") from None
+    if program is not None:
+        path = Path(program).expanduser()
+        for file in (path, path.with_name(path.name + ".json")):
+            if not file.is_file():
+                raise ValueError(f"--program {program}: no such file {file}")
 
 
 def main(argv: Sequence[str]) -> int:

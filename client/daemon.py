@@ -56,6 +56,8 @@ class ClientSettings:
     poll_s: float = 0.5  # the SuperNode's idle poll of the coordinator
     task: str | None = None  # task.name, to check the data's shapes before connecting
     task_params: str = "{}"  # task.params as JSON
+    runtime: str = "torch"  # the training runtime: torch, or executorch (a phone's)
+    program: Path | None = None  # executorch: the .pte training program (default: export one)
 
 
 @dataclass(frozen=True)
@@ -109,12 +111,16 @@ def free_port() -> int:
 
 def node_config(settings: ClientSettings, prepared: Prepared) -> str:
     """The ``--node-config`` string (TOML values; Flower splits pairs on spaces)."""
-    for path in (settings.data, prepared.device_file):
+    for path in (settings.data, prepared.device_file, settings.program or ""):
         if '"' in str(path) or "\\" in str(path):
             raise ValueError(f"{path}: paths with quotes or backslashes cannot be passed to Flower")
     pairs = [f'data-path="{settings.data.resolve()}"', f'device="{prepared.device_file}"']
     if settings.index is not None:
         pairs.append(f"client-index={settings.index}")
+    if settings.runtime != "torch":
+        pairs.append(f'runtime="{settings.runtime}"')
+    if settings.program is not None:
+        pairs.append(f'program="{settings.program}"')
     return " ".join(pairs)
 
 

@@ -17,6 +17,7 @@ model got corrupted gradients. :func:`lower_training_program` replaces that op w
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import metadata
@@ -49,8 +50,10 @@ def require() -> None:
 
 def _quiet_imports() -> None:
     # torchao (an ExecuTorch dependency) logs a WARNING for each CUDA kernel library it cannot
-    # load on a CPU-only machine; that is expected here and not worth a user's attention.
+    # load on a CPU-only machine, and torch's pytree one about torchao's enums: expected here
+    # and not worth a user's attention.
     logging.getLogger("torchao").setLevel(logging.ERROR)
+    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 
 
 @dataclass(frozen=True)
@@ -71,15 +74,39 @@ def lower_training_program(exported: torch.export.ExportedProgram) -> Lowered:
     from executorch.exir import to_edge
     from torch.export.experimental import _export_forward_backward
 
-    joint = _export_forward_backward(exported)
-    joint = joint.run_decompositions({
-        torch.ops.aten.max_pool2d_with_indices_backward.default: _max_pool2d_backward,
-    })
-    program = to_edge(joint).to_executorch()
+    with warnings.catch_warnings():
+        # ExecuTorch 1.5.1 trips torch 2.13's pytree deprecations (FutureWarning) and warns
+        # that unused gradient outputs (e.g. the input's) have no out buffer (UserWarning).
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.filterwarnings("ignore", message=".*kwarg value is None", category=UserWarning)
+        joint = _export_forward_backward(exported)
+        joint = joint.run_decompositions({
+            torch.ops.aten.max_pool2d_with_indices_backward.default: _max_pool2d_backward,
+        })
+        program = to_edge(joint).to_executorch()
     plan = program.executorch_program.execution_plan[0]
+    missing = sorted(missing_kernels(plan))
+    if missing:
+        raise UnsupportedOperator(
+            f"ExecuTorch {EXECUTORCH_VERSION}'s CPU runtime has no kernel for "
+            f"{', '.join(missing)}, which this model's training program uses")
     # The planner's arenas (entry 0 is reserved and 0): what the runtime allocates to run it.
     arena = int(sum(plan.non_const_buffer_sizes))
     return Lowered(buffer=bytes(program.buffer), planned_bytes=arena)
+
+
+class UnsupportedOperator(ValueError):
+    """The program uses an operator the runtime cannot run (the message names it)."""
+
+
+def missing_kernels(plan: Any) -> set[str]:
+    """Operators (``aten::sort.values``) of an execution plan without a kernel registered in
+    the runtime this Python package ships (the portable CPU kernels a phone build also has)."""
+    from executorch.extension.pybindings.portable_lib import _get_operator_names
+
+    registered = set(_get_operator_names())
+    used = {f"{op.name}.{op.overload}" if op.overload else op.name for op in plan.operators}
+    return used - registered
 
 
 def _max_pool2d_backward(grad_output: torch.Tensor, inp: torch.Tensor, kernel_size: Any,

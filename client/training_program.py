@@ -140,6 +140,8 @@ def build_training_program(task: Task, model: nn.Module, example: tuple[np.ndarr
         lowered = et.lower_training_program(exported)
     except et.ExecuTorchMissing:
         raise
+    except et.UnsupportedOperator as err:
+        raise ProgramExportError(str(err)) from None
     except Exception as err:
         raise ProgramExportError(f"lowering to ExecuTorch failed: {_first_line(err)}") from err
     manifest = ProgramManifest(
@@ -178,13 +180,16 @@ def check_gradients(program: TrainingProgram, objective: ProximalObjective, x: t
     params = dict(objective.model.named_parameters())
     masks = [(torch.rand(params[n].shape, generator=gen) > 0.3).float() for n in objective.masked]
     anchors = [p.detach() + 0.01 * torch.randn(p.shape, generator=gen) for p in params.values()]
-    runtime = et.TrainingRuntime(program.buffer)
-    runtime.forward_backward(flat_inputs(x, y, 1.0, 0.5, masks, anchors))
-    expected = runtime.parameters()
-    with torch.no_grad():
-        for name, p in params.items():
-            expected[PREFIX + name].copy_(p)
-    runtime.forward_backward(flat_inputs(x, y, 1.0, 0.5, masks, anchors))
+    try:
+        runtime = et.TrainingRuntime(program.buffer)
+        runtime.forward_backward(flat_inputs(x, y, 1.0, 0.5, masks, anchors))
+        with torch.no_grad():
+            for name, weight in runtime.parameters().items():
+                weight.copy_(params[name.removeprefix(PREFIX)])
+        runtime.forward_backward(flat_inputs(x, y, 1.0, 0.5, masks, anchors))
+    except RuntimeError as err:
+        raise ProgramExportError(f"the training program fails in ExecuTorch's runtime: "
+                                 f"{_first_line(err)}") from None
     got = runtime.gradients()
     objective.zero_grad()
     objective(x, y, torch.tensor(1.0), torch.tensor(0.5), masks, anchors)[0].backward()

@@ -5,6 +5,11 @@
 channels (torch-pruning) and fine-tunes briefly, and writes an ONNX or TFLite file, fp32 or
 full int8 calibrated on the clients' training data. The task config travels inside the file.
 
+``fleetfl export --checkpoint FILE --format executorch-train [--max-batch N] --out FILE.pte``
+writes the task's *training program* for phones instead: forward, loss, the FedProx proximal
+term and backward, for ExecuTorch's training runtime, with its manifest at ``FILE.pte.json``
+(:mod:`fleetfl.client.training_program`; docs/mobile.md).
+
 ``fleetfl evaluate --model FILE [--checkpoint FILE]`` runs an exported file in onnxruntime or
 ai-edge-litert on the task's test set and reports accuracy, file size and median latency, next
 to the torch model's when a checkpoint is given.
@@ -29,6 +34,7 @@ if TYPE_CHECKING:  # torch, the checkpoint and the runtimes load only when a com
     from fleetfl.coordinator.checkpoint import Checkpoint
 
 COMMANDS = ("export", "evaluate")
+EXECUTORCH_TRAIN = "executorch-train"
 TASK_KEY, EXPORT_KEY = "fleetfl.task", "fleetfl.export"
 CALIBRATION_SAMPLES = 256
 DEFAULT_PRUNE_FINETUNE_EPOCHS = 3
@@ -41,12 +47,18 @@ class CommandError(Exception):
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``export`` and ``evaluate`` sub-commands to the ``fleetfl`` parser."""
     exp = subparsers.add_parser(
-        "export", help="export a checkpoint's model to ONNX or TFLite (fp32 or full int8)",
-        description="Export the global model of a checkpoint for on-device inference. TFLite "
-                    "export needs the optional converter stack: pip install 'fleetfl[tflite]'.")
+        "export", help="export a checkpoint's model to ONNX or TFLite (fp32 or full int8), or "
+                       "its training program for phones (ExecuTorch)",
+        description="Export the global model of a checkpoint for on-device inference, or with "
+                    "--format executorch-train the training program a phone runs (needs "
+                    "pip install 'fleetfl[executorch]'). TFLite export needs the optional "
+                    "converter stack: pip install 'fleetfl[tflite]'.")
     exp.add_argument("--checkpoint", required=True, metavar="FILE",
                      help="checkpoint written by the coordinator (e.g. DIR/model.pt)")
-    exp.add_argument("--format", required=True, choices=("onnx", "tflite"))
+    exp.add_argument("--format", required=True, choices=("onnx", "tflite", EXECUTORCH_TRAIN))
+    exp.add_argument("--max-batch", type=int, default=None, metavar="N",
+                     help="executorch-train: the largest batch one step takes; the runtime "
+                          "plans its memory for it (default 256)")
     exp.add_argument("--int8", action="store_true",
                      help="full int8: per-channel int8 weights, int8 activations calibrated on "
                           "the clients' training data")
@@ -106,12 +118,16 @@ def export(args: argparse.Namespace) -> dict[str, Any]:
     from fleetfl.coordinator.checkpoint import load_checkpoint
 
     out = Path(args.out)
-    suffix = {"onnx": ".onnx", "tflite": ".tflite"}[args.format]
+    suffix = {"onnx": ".onnx", "tflite": ".tflite", EXECUTORCH_TRAIN: ".pte"}[args.format]
     if out.suffix.lower() != suffix:
         raise CommandError(f"--out {out} should end in {suffix} for --format {args.format}")
     if not 0.0 <= args.structured_prune < 1.0:
         raise CommandError(f"--structured-prune must be in [0, 1), got {args.structured_prune}")
+    if args.max_batch is not None and args.format != EXECUTORCH_TRAIN:
+        raise CommandError(f"--max-batch applies to --format {EXECUTORCH_TRAIN} only")
     ckpt = load_checkpoint(args.checkpoint)
+    if args.format == EXECUTORCH_TRAIN:
+        return _export_training_program(args, ckpt, out)
     if args.format == "tflite":
         from fleetfl.compression.export_tflite import require_converters
 
@@ -135,6 +151,35 @@ def export(args: argparse.Namespace) -> dict[str, Any]:
     write(model, out, input_shape=ckpt.input_shape, int8=args.int8, calibration=calibration,
           metadata=metadata, input_dtype=ckpt.input_dtype)
     return {"out": str(out), "size_bytes": out.stat().st_size, **info}
+
+
+def _export_training_program(args: argparse.Namespace, ckpt: Checkpoint,
+                             out: Path) -> dict[str, Any]:
+    """``--format executorch-train``: the checkpoint's model as an ExecuTorch training
+    program (its weights are the starting point only; every round loads the global model)."""
+    from fleetfl.client.training_program import (
+        DEFAULT_MAX_BATCH,
+        build_training_program,
+        save_program,
+    )
+    from fleetfl.tasks.registry import task_from_record
+
+    if args.int8 or args.structured_prune:
+        raise CommandError(f"--int8 and --structured-prune do not apply to --format "
+                           f"{EXECUTORCH_TRAIN} (it trains the task's float model)")
+    max_batch = DEFAULT_MAX_BATCH if args.max_batch is None else args.max_batch
+    union = ckpt.load_dataset().train_union()
+    program = build_training_program(
+        task_from_record(ckpt.task), ckpt.build_model(), (union.x[:8], union.y[:8]),
+        max_batch=max_batch, task_ref={"name": ckpt.task.get("name"),
+                                       "params": ckpt.task.get("params", {})})
+    manifest = save_program(program, out)
+    return {"out": str(out), "manifest": str(manifest), "format": EXECUTORCH_TRAIN,
+            "size_bytes": out.stat().st_size, "max_batch": max_batch,
+            "planned_memory_bytes": program.manifest.planned_bytes,
+            "parameters": sum(int(np.prod(s)) for _, s in program.manifest.parameters),
+            "masked": program.manifest.masked, "server_round": ckpt.server_round,
+            "checkpoint": Path(args.checkpoint).name}
 
 
 def _prune(ckpt: Checkpoint, model: torch.nn.Module, ratio: float, epochs: int,
