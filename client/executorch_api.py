@@ -49,6 +49,10 @@ def require() -> None:
 
 
 def _quiet_imports() -> None:
+    # We chose the experimental API knowingly (pinned); its ExperimentalWarning on every load
+    # would only repeat that to users.
+    warnings.filterwarnings("ignore", message="This API is experimental", module="executorch")
+    warnings.filterwarnings("ignore", message="This API is experimental", module=__name__)
     # torchao (an ExecuTorch dependency) logs a WARNING for each CUDA kernel library it cannot
     # load on a CPU-only machine, and torch's pytree one about torchao's enums: expected here
     # and not worth a user's attention.

@@ -25,6 +25,12 @@ and checked against the pinned Flower by ``tests/test_flower_patches.py``:
   and ``flwr.supercore.heartbeat.HEARTBEAT_DEFAULT_INTERVAL`` (the sender's cadence, every
   (interval − 5 s) × 0.7–0.9, i.e. ~4 s at 10 s). 10 s is the smallest interval the SuperLink
   accepts (``HEARTBEAT_MIN_INTERVAL``).
+* **Heartbeat retries at most 4 s apart.** Flower retries a failed heartbeat with exponential
+  backoff up to 20 s (``flwr.supercore.heartbeat.HeartbeatSender``). While the coordinator
+  restarts, the backoff grows; once it is back, the next try could come 20 s later, and with a
+  10 s promise the SuperLink then declares the node offline (seen in the service test: a device
+  dropped from the first round after a coordinator restart). :func:`bound_heartbeat_retries`
+  caps the backoff at ``HEARTBEAT_RETRY_MAX_S``.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ from fleetfl.logs import log_to_stderr
 from fleetfl.object_pulls import DEVICE_MODULES, bounded_runner_pulls, fast_object_pulls
 
 HEARTBEAT_INTERVAL_S = 10.0
+HEARTBEAT_RETRY_MAX_S = 4.0  # well inside the SuperLink's patience of 2 x 10 s
 IDLE_POLL_S = 0.5
 BUSY_POLL_S = 0.2
 BUSY_WINDOW_S = 10.0  # seconds after a message during which the SuperNode polls faster
@@ -67,6 +74,25 @@ def set_heartbeat_interval(seconds: float = HEARTBEAT_INTERVAL_S) -> None:
         if not hasattr(module, "HEARTBEAT_DEFAULT_INTERVAL"):
             raise AttributeError(f"{name} has no HEARTBEAT_DEFAULT_INTERVAL: not Flower 1.42?")
         module.HEARTBEAT_DEFAULT_INTERVAL = seconds  # type: ignore[attr-defined]
+
+
+def bound_heartbeat_retries(max_delay_s: float = HEARTBEAT_RETRY_MAX_S) -> None:
+    """Cap the backoff between this process's heartbeat retries at ``max_delay_s`` seconds
+    (Flower: 20 s), for every ``HeartbeatSender`` created from now on."""
+    from flwr.supercore import heartbeat
+    from flwr.supercore.retry import exponential
+
+    sender = heartbeat.HeartbeatSender
+    if getattr(sender.__init__, "_fleetfl_bounded", False):
+        return
+    original = sender.__init__
+
+    def __init__(self: heartbeat.HeartbeatSender, *args: object, **kwargs: object) -> None:
+        original(self, *args, **kwargs)
+        self._retry_invoker.wait_gen_factory = lambda: exponential(max_delay=max_delay_s)
+
+    __init__._fleetfl_bounded = True  # type: ignore[attr-defined]
+    sender.__init__ = __init__  # type: ignore[method-assign]
 
 
 def set_poll_interval(idle_s: float = IDLE_POLL_S, reply_s: float = REPLY_POLL_S,
@@ -152,6 +178,7 @@ def main() -> None:
     ours, flower_argv = _our_args(sys.argv[1:])
     log_to_stderr()
     set_heartbeat_interval()
+    bound_heartbeat_retries()
     set_poll_interval(ours.poll_s, min(REPLY_POLL_S, ours.poll_s), min(BUSY_POLL_S, ours.poll_s))
     fast_object_pulls(*DEVICE_MODULES)
     bounded_runner_pulls()

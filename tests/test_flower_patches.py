@@ -123,6 +123,18 @@ def test_supernode_heartbeat_interval_reaches_flowers_requests() -> None:
     assert _fresh_python(code).split() == ["10.0", "10.0"]
 
 
+def test_supernode_heartbeat_retries_back_off_at_most_4_s() -> None:
+    """Flower 1.42 backs off up to 20 s; ours stays inside the SuperLink's 20 s patience."""
+    from flwr.supercore import heartbeat
+
+    assert "exponential(max_delay=20)" in inspect.getsource(heartbeat.HeartbeatSender)
+    code = ("from fleetfl.client.supernode import bound_heartbeat_retries as b; b(); b(); "
+            "from flwr.supercore.heartbeat import HeartbeatSender; import itertools; "
+            "gen = HeartbeatSender(lambda: True)._retry_invoker.wait_gen_factory(); "
+            "print(max(itertools.islice(gen, 30)))")
+    assert float(_fresh_python(code)) == 4.0
+
+
 def test_supernode_heartbeat_interval_outside_flowers_range_is_refused() -> None:
     from fleetfl.client.supernode import set_heartbeat_interval
 

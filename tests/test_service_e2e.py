@@ -46,10 +46,12 @@ import pytest
 
 from fleetfl.coordinator.state import read_metrics
 from fleetfl.devices.profiles import get_profile
+from fleetfl.tasks.data_format import load_npz
 
 pytestmark = pytest.mark.e2e
 
 ROUNDS = 3  # kill a device after round 1, crash the coordinator after round 2, resume round 3
+PROGRAM = "digits-train.pte"
 ROUND_TIMEOUT_S = 90  # a bound only: a dead device is declared gone by its missed heartbeats
 CLI = shlex.split(os.environ.get("FLEETFL_CLI", f"{sys.executable} -m fleetfl.coordinator.cli"))
 # The deployed run compresses (int8 updates, pruning to 50 % by round 3, so the resumed run
@@ -139,7 +141,10 @@ class Deployment:
     def device(self, i: int, key: str | None = None) -> subprocess.Popen[bytes]:
         keys = self.root / "keys"
         device = "auto" if i == 2 else str(self.root / "always-on.json")
-        return self.spawn(f"client-{i}", "client", "start",
+        # Device 1 trains as a phone does, in ExecuTorch's runtime, on a program exported
+        # beforehand; the coordinator treats it as any other device.
+        phone = ["--runtime", "executorch", "--program", str(self.root / PROGRAM)] if i == 1 else []
+        return self.spawn(f"client-{i}", "client", "start", *phone,
                           "--coordinator", f"127.0.0.1:{self.port}",
                           "--data", str(self.root / "shards" / f"client-{i % 3}.npz"),
                           "--tls-ca", str(keys / "ca.pem"),
@@ -172,6 +177,7 @@ def _scenario(d: Deployment) -> None:
     _run("keys", "client", "--name", "intruder", "--out", "keys/clients", cwd=d.root)
     _run("data", "split", "--dataset", "digits", "--num-clients", "3", "--out", "shards",
          cwd=d.root)
+    _export_program(d.root / "shards" / "client-1.npz", d.root / PROGRAM)
     profile = {**get_profile("rpi4").to_dict(), "name": "rpi4-always-on", "availability": 1.0}
     (d.root / "always-on.json").write_text(json.dumps(profile))
 
@@ -198,6 +204,18 @@ def _scenario(d: Deployment) -> None:
     second = d.coordinator("coordinator-2")
     d.seen["second_exit"] = second.wait(STEP_TIMEOUT_S * 2)
     d.seen["rows"] = read_metrics(d.root / "state" / "rounds")
+
+
+def _export_program(shard: Path, out: Path) -> None:
+    """The digits CNN's ExecuTorch training program (what ``fleetfl export --format
+    executorch-train`` writes from a checkpoint; there is none before the run)."""
+    from fleetfl.client.training_program import build_training_program, save_program
+    from fleetfl.tasks.builtin import DigitsTask
+
+    data = load_npz(shard)
+    task = DigitsTask()
+    save_program(build_training_program(task, task.build_model(0), (data.x[:8], data.y[:8])),
+                 out)
 
 
 @pytest.fixture(scope="module")
@@ -233,6 +251,7 @@ def test_rounds_complete_over_tls_with_node_auth(deployment: Deployment) -> None
     assert rows[-1]["accuracy"] > 0.5  # federated evaluation on the devices' test splits
     assert rows[-1]["sparsity"] == pytest.approx(0.5, abs=0.02)  # compression ran, and resumed
     assert all(r["secagg_aborted"] == 0 and r["secagg_uplink_bytes"] > 0 for r in rows)
+    assert [r["executorch"] for r in rows] == [1] * ROUNDS  # device 1, in ExecuTorch's runtime
 
 
 def test_client_killed_mid_round_the_round_completes(deployment: Deployment) -> None:
