@@ -80,3 +80,16 @@ def test_retries_bound_the_attempts_on_an_unreachable_coordinator(tmp_path: Path
     assert "cannot reach the coordinator at 127.0.0.1:1" in done.stdout
     assert "giving up after 1 failed attempt(s) (--retries 0)" in done.stdout
     assert time.monotonic() - started < 240
+
+
+@pytest.mark.parametrize(("extra", "says"), [
+    (["--program", "p.pte"], "--program is the ExecuTorch training program: add --runtime"),
+    (["--runtime", "executorch", "--program", "missing.pte"], "no such file"),
+])
+def test_runtime_flags_are_checked_before_connecting(tmp_path: Path, extra: list[str],
+                                                      says: str) -> None:
+    rng = np.random.default_rng(0)
+    shard = save_npz(tmp_path / "s.npz", rng.random((20, 1, 8, 8)), rng.integers(0, 10, 20))
+    done = _cli("client", "start", "--insecure", "--coordinator", "127.0.0.1:1", "--data",
+                str(shard), "--device", "rpi4", *extra, timeout=120)
+    assert done.returncode == 2 and says in done.stderr

@@ -230,3 +230,20 @@ def test_a_device_picks_its_runtime_and_a_simulated_client_its_profile_s(exporte
     assert programs.runtime_of(cfg, device, local) == "executorch"
     with pytest.raises(ValueError, match="unknown training runtime"):
         programs.runtime_of(cfg, {**device, "runtime": "coreml"}, local)
+
+
+def test_the_admission_check_uses_the_program_s_planned_memory() -> None:
+    from types import SimpleNamespace
+
+    from fleetfl.client.memory import decide_program
+    from fleetfl.devices.memory_planner import MIB
+    from fleetfl.devices.profiles import get_profile
+
+    local = SimpleNamespace(device=get_profile("phone-low"))
+    budget = get_profile("phone-low").memory_budget_bytes
+    program = 20 * MIB
+    room = {"fleet.runtime_memory_mib": (budget - 2 * program) / MIB}
+    full = {"fleet.runtime_memory_mib": (budget - program // 2) / MIB}
+    assert decide_program(room, local, program, 32, measure=False).refusal is None
+    refusal = decide_program(full, local, program, 32, measure=False).refusal
+    assert refusal is not None and "ExecuTorch training program needs 20971520 bytes" in refusal
