@@ -168,9 +168,8 @@ def _export_training_program(args: argparse.Namespace, ckpt: Checkpoint,
         raise CommandError(f"--int8 and --structured-prune do not apply to --format "
                            f"{EXECUTORCH_TRAIN} (it trains the task's float model)")
     max_batch = DEFAULT_MAX_BATCH if args.max_batch is None else args.max_batch
-    union = ckpt.load_dataset().train_union()
     program = build_training_program(
-        task_from_record(ckpt.task), ckpt.build_model(), (union.x[:8], union.y[:8]),
+        task_from_record(ckpt.task), ckpt.build_model(), _example_batch(ckpt),
         max_batch=max_batch, task_ref={"name": ckpt.task.get("name"),
                                        "params": ckpt.task.get("params", {})})
     manifest = save_program(program, out)
@@ -180,6 +179,18 @@ def _export_training_program(args: argparse.Namespace, ckpt: Checkpoint,
             "parameters": sum(int(np.prod(s)) for _, s in program.manifest.parameters),
             "masked": program.manifest.masked, "server_round": ckpt.server_round,
             "checkpoint": Path(args.checkpoint).name}
+
+
+def _example_batch(ckpt: Checkpoint, n: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """A few training examples to trace and check the program with; zeros of the task's input
+    shape and dtype (label 0) when the task cannot make its data here (a deployed
+    coordinator's task may hold none)."""
+    try:
+        union = ckpt.load_dataset().train_union()
+        return union.x[:n], union.y[:n]
+    except Exception:  # noqa: BLE001 - a user task's federated_data may raise anything
+        return (np.zeros((n, *ckpt.input_shape), dtype=ckpt.input_dtype),
+                np.zeros(n, dtype=np.int64))
 
 
 def _prune(ckpt: Checkpoint, model: torch.nn.Module, ratio: float, epochs: int,

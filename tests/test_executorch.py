@@ -168,19 +168,26 @@ def test_a_model_with_buffers_is_refused_with_the_reason() -> None:
         build_training_program(DigitsTask(), model, example)
 
 
-def _run(*overrides: str, rounds: int) -> tuple[RunOutcome, LoopbackGrid]:
+def _run(*overrides: str, rounds: int, program: Path | None = None
+         ) -> tuple[RunOutcome, LoopbackGrid]:
+    """The real round loop in-process; ``program``: the clients load this ``.pte`` rather than
+    export their task's (the same program, without the export's seconds)."""
     cfg = load_config(None, [*ROUNDS, f"federation.rounds={rounds}", *overrides])
     grid = LoopbackGrid(cfg.federation.num_clients)
+    if program is not None:
+        for context in grid.contexts.values():
+            context.node_config[programs.PROGRAM] = str(program)
     outcome = RunOutcome()
     run_rounds(grid, cfg, outcome)
     return outcome, grid
 
 
-def test_one_round_in_executorch_gives_the_torch_round_s_model() -> None:
+def test_one_round_in_executorch_gives_the_torch_round_s_model(exported: Path) -> None:
     """Same weights, plans and seeds: the fleet's fp32 updates, hence the new global model,
     agree to float tolerance whichever runtime the clients train in."""
-    torch_run, _ = _run(rounds=1)
-    et_run, _ = _run(ALL_EXECUTORCH, rounds=1)
+    small = ["federation.num_clients=4", "federation.clients_per_round=4"]
+    torch_run, _ = _run(*small, rounds=1)
+    et_run, _ = _run(*small, ALL_EXECUTORCH, rounds=1, program=exported)
     assert et_run.rows[0]["executorch"] == et_run.rows[0]["aggregated"] > 0
     assert torch_run.rows[0]["executorch"] == 0
     mine, ref = et_run.final_arrays, torch_run.final_arrays
