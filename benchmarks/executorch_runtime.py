@@ -1,7 +1,8 @@
 """The phone runtime (ExecuTorch's training runtime) against eager torch, side by side.
 
     python -m benchmarks.executorch_runtime steps [--models cnn lstm] [--steps 40]
-    python -m benchmarks.executorch_runtime fleet [--rounds 30] [--seeds 0]
+    python -m benchmarks.executorch_runtime fleet [--rounds 30] [--seeds 0] [--set K=V ...]
+                                                  [--name executorch_fleet]
 
 ``steps``: for the digits CNN and the Shakespeare-class LSTM (``small``: 1 × LSTM 128, 82 k
 parameters, 80-symbol windows), the training program is exported once (timed), then each
@@ -148,13 +149,13 @@ def _fleets() -> dict[str, str]:
             "mixed": _runtimes([p for p in CATALOG if p.startswith("phone")])}
 
 
-def fleet_benchmark(rounds: int, seeds: list[int]) -> dict[str, Any]:
+def fleet_benchmark(rounds: int, seeds: list[int], sets: list[str]) -> dict[str, Any]:
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
         for seed in seeds:
             for fleet, mapping in _fleets().items():
                 overrides = [f"federation.rounds={rounds}", f"task.seed={seed}",
-                             f"fleet.seed={seed}", f"fleet.runtimes={mapping}"]
+                             f"fleet.seed={seed}", f"fleet.runtimes={mapping}", *sets]
                 summary, rows = simulate(overrides, Path(tmp) / f"{fleet}-{seed}")
                 run = {"fleet": fleet, "seed": seed,
                        "final_accuracy": summary["final_accuracy"],
@@ -164,7 +165,7 @@ def fleet_benchmark(rounds: int, seeds: list[int]) -> dict[str, Any]:
                        "wall_time_s": round(summary["process_wall_time_s"], 1)}
                 runs.append(run)
                 print(json.dumps(run), file=sys.stderr, flush=True)
-    return {"rounds": rounds, "runs": runs}
+    return {"rounds": rounds, "set": sets, "runs": runs}
 
 
 def main() -> None:
@@ -181,11 +182,14 @@ def main() -> None:
     fl = sub.add_parser("fleet")
     fl.add_argument("--rounds", type=int, default=30)
     fl.add_argument("--seeds", type=int, nargs="+", default=[0])
+    fl.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="more config overrides for every run (e.g. the full stack)")
+    fl.add_argument("--name", default="executorch_fleet", help="results file name")
     args = parser.parse_args()
     if args.what == "steps":
         emit("executorch_steps", steps_benchmark(args.models, args.steps, args.max_batch))
     else:
-        emit("executorch_fleet", fleet_benchmark(args.rounds, args.seeds))
+        emit(args.name, fleet_benchmark(args.rounds, args.seeds, args.set))
 
 
 if __name__ == "__main__":
