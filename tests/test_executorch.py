@@ -8,7 +8,6 @@ has); rounds run the real ServerApp, strategy and ClientApp in-process (``Loopba
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -45,12 +44,7 @@ PHONES_EXECUTORCH = 'fleet.runtimes={phone-low = "executorch", phone-mid = "exec
                     'phone-high = "executorch"}'
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
