@@ -5,8 +5,9 @@ round, 2 local epochs of batch 10, on Flower's Ray engine with one CPU per clien
 evaluate the global model centrally after every round. "plain Flower" is Flower's own
 ``FedAvg`` strategy with a textbook ClientApp (``torch.optim.SGD`` loop, ``ArrayRecord`` of the
 state dict). "fleetfl" is ``fleetfl simulate`` (FleetFedProx with per-client plans, reply
-screening, byte accounting, virtual clock, metrics files). Runs alternate A/B in fresh
-processes; throughput counts rounds 2..R (round 1 includes actor start-up).
+screening, byte accounting, virtual clock, metrics files). Runs alternate A/B, B/A, ... in
+fresh processes (earlier versions always ran Flower first); throughput counts rounds 2..R
+(round 1 includes actor start-up).
 
     python -m benchmarks.flower_overhead [--rounds 20] [--repeats 3]
 """
@@ -122,15 +123,22 @@ def main() -> None:
         print(json.dumps(run_flower(args.rounds)))
         return
     runs: dict[str, list[float]] = {"flower": [], "fleetfl": []}
+    order: list[str] = []
     for rep in range(args.repeats):
-        proc = subprocess.run([sys.executable, "-m", "benchmarks.flower_overhead", "--one",
-                               "flower", "--rounds", str(args.rounds)],
-                              capture_output=True, text=True, check=True)
-        runs["flower"].append(throughput(json.loads(proc.stdout.strip().splitlines()[-1])))
-        runs["fleetfl"].append(run_ours(args.rounds, args.out / f"rep{rep}"))
+        # A/B, then B/A: whichever runs second inherits a warmer (or hotter) machine.
+        for stack in ("flower", "fleetfl") if rep % 2 == 0 else ("fleetfl", "flower"):
+            order.append(stack)
+            if stack == "flower":
+                proc = subprocess.run([sys.executable, "-m", "benchmarks.flower_overhead",
+                                       "--one", "flower", "--rounds", str(args.rounds)],
+                                      capture_output=True, text=True, check=True)
+                marks = json.loads(proc.stdout.strip().splitlines()[-1])
+                runs["flower"].append(throughput(marks))
+            else:
+                runs["fleetfl"].append(run_ours(args.rounds, args.out / f"rep{rep}"))
     med = {k: statistics.median(v) for k, v in runs.items()}
     emit("flower_overhead", {
-        "rounds": args.rounds, "repeats": args.repeats, "clients": NUM_CLIENTS,
+        "rounds": args.rounds, "repeats": args.repeats, "order": order, "clients": NUM_CLIENTS,
         "clients_per_round": PER_ROUND, "trainings_per_s": runs,
         "median_trainings_per_s": med,
         "fleetfl_slowdown_vs_flower": 1.0 - med["fleetfl"] / med["flower"],

@@ -8,9 +8,12 @@ virtual SuperNode whose ClientApp executes in a Ray actor. Outputs, in ``config.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +21,20 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from fleetfl.client.daemon import THREAD_VARS
 from fleetfl.coordinator.config import Config
 from fleetfl.coordinator.preflight import preflight
 from fleetfl.coordinator.report import append_row, build_summary, plot_report, write_summary
 from fleetfl.coordinator.server_app import RunOutcome, make_server_app
+
+
+def worker_thread_env(config: Config) -> dict[str, str]:
+    """BLAS/OpenMP thread counts for the Ray workers: the CPUs reserved for one client (at
+    least 1). Each worker's BLAS would otherwise start a thread per core: with the ServerApp
+    and N workers on a few cores, OpenBLAS threads spin against each other (a synthetic-data
+    run stalled > 10 min in numpy's multivariate_normal; with OPENBLAS_NUM_THREADS=1 it ran)."""
+    threads = str(max(1, math.floor(config.federation.client_cpus)))
+    return dict.fromkeys(THREAD_VARS, threads)
 
 
 def backend_config(config: Config, verbose: bool = False) -> dict[str, Any]:
@@ -59,13 +72,18 @@ def simulate(config: Config, *, verbose: bool = False, console: Console | None =
     metrics_path = out / "metrics.jsonl"
     metrics_path.write_text("", encoding="utf-8")
     _quiet_flower(verbose)
+    # Ray's workers inherit this process's environment (Flower passes its own runtime_env to
+    # ray.init, so ours cannot go there); a value the user set wins. A cluster joined with
+    # federation.ray_address keeps its nodes' own environment.
+    for var, value in worker_thread_env(config).items():
+        os.environ.setdefault(var, value)
     outcome = RunOutcome()
     started = time.perf_counter()
     progress = Progress(
         TextColumn("[bold]rounds"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
         TextColumn("{task.description}"), console=console, disable=not config.output.progress,
     )
-    with progress:
+    with progress, _one_driver_thread():
         bar = progress.add_task("starting Ray…", total=config.federation.rounds)
 
         def on_round(row: dict[str, Any]) -> None:
@@ -101,6 +119,23 @@ def simulate(config: Config, *, verbose: bool = False, console: Console | None =
                  f"{f'({params})' if params else ''}, {config.federation.num_clients} clients")
         plot_report(out / "report.png", outcome.rows, title)
     return summary
+
+
+@contextlib.contextmanager
+def _one_driver_thread() -> Iterator[None]:
+    """One BLAS/OpenMP and one torch thread in this process while the simulation runs (the
+    ServerApp's numpy and central evaluation share the cores with the Ray workers); the
+    caller's settings come back afterwards."""
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with threadpool_limits(limits=1):
+            yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def summary_table(summary: dict[str, Any], out_dir: str) -> Table:

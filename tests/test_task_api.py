@@ -177,12 +177,34 @@ def test_builtin_tasks_keep_their_old_keys() -> None:
 
 @pytest.mark.e2e
 def test_simulate_leaves_environment_and_logging_as_it_found_them(tmp_path) -> None:
+    import torch
+    from threadpoolctl import threadpool_info
+
     root, flwr = logging.getLogger(), logging.getLogger("flwr")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # the caller's; the run uses one in this process, then restores
+    pools = {pool["filepath"]: pool["num_threads"] for pool in threadpool_info()}
     before = (dict(os.environ), root.level, list(root.handlers), flwr.level,
-              list(flwr.handlers))
-    summary = fleetfl.simulate({"federation": {"num_clients": 4, "clients_per_round": 2,
-                                               "rounds": 1}, "fleet": {"mix": {"rpi4": 1}},
-                                "output": {"plot": False}}, out=tmp_path / "run")
+              list(flwr.handlers), torch.get_num_threads(), pools)
+    try:
+        summary = fleetfl.simulate({"federation": {"num_clients": 4, "clients_per_round": 2,
+                                                   "rounds": 1}, "fleet": {"mix": {"rpi4": 1}},
+                                    "output": {"plot": False}}, out=tmp_path / "run")
+        now = {pool["filepath"]: pool["num_threads"] for pool in threadpool_info()}
+        after = (dict(os.environ), root.level, list(root.handlers), flwr.level,
+                 list(flwr.handlers), torch.get_num_threads(), {k: now[k] for k in pools})
+    finally:
+        torch.set_num_threads(threads)
     assert summary["rounds"] == 1 and (tmp_path / "run" / "summary.json").is_file()
-    after = (dict(os.environ), root.level, list(root.handlers), flwr.level, list(flwr.handlers))
     assert after == before
+
+
+def test_ray_workers_get_one_blas_thread_per_reserved_cpu() -> None:
+    """Each simulated client's BLAS/OpenMP pool matches the CPUs Ray reserves for it."""
+    from fleetfl.coordinator.simulate import worker_thread_env
+
+    for cpus, threads in ((1.0, "1"), (0.5, "1"), (2.0, "2")):
+        config = load_config(None, [f"federation.client_cpus={cpus}"])
+        assert worker_thread_env(config) == {"OMP_NUM_THREADS": threads,
+                                             "MKL_NUM_THREADS": threads,
+                                             "OPENBLAS_NUM_THREADS": threads}
