@@ -117,8 +117,8 @@ def build_training_program(task: Task, model: nn.Module, example: tuple[np.ndarr
     the op) or the parameters whose gradients disagree; ``ExecuTorchMissing`` without the extra.
     """
     et.require()
-    if max_batch < 1:
-        raise ProgramExportError(f"max_batch must be >= 1, got {max_batch}")
+    if max_batch < 2:  # torch.export specializes a dimension of size 1: no dynamic batch
+        raise ProgramExportError(f"max_batch must be >= 2, got {max_batch}")
     buffers = [name for name, _ in model.named_buffers()]
     if buffers:
         raise ProgramExportError(f"the model has buffers ({', '.join(buffers[:3])}...): the "
@@ -127,7 +127,7 @@ def build_training_program(task: Task, model: nn.Module, example: tuple[np.ndarr
     params = dict(model.named_parameters())
     masked = [name for name in task.prunable(model) if name in params]
     objective = ProximalObjective(model, task, masked).train()
-    x, y = torch.from_numpy(np.ascontiguousarray(example[0])), torch.from_numpy(example[1])
+    x, y = _example(example, max_batch)
     inputs = _inputs(x, y, 1.0, 0.0, [torch.ones_like(params[n]) for n in masked],
                      [p.detach().clone() for p in params.values()])
     batch = torch.export.Dim("batch", min=1, max=max_batch)
@@ -156,8 +156,20 @@ def build_training_program(task: Task, model: nn.Module, example: tuple[np.ndarr
         max_batch=max_batch, planned_bytes=lowered.planned_bytes,
         task=task_ref or {"name": task.name, "params": {}})
     program = TrainingProgram(lowered.buffer, manifest)
-    check_gradients(program, objective, x[:max_batch], y[:max_batch])
+    check_gradients(program, objective, x, y)
     return program
+
+
+def _example(example: tuple[np.ndarray, np.ndarray], max_batch: int
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The example batch as tensors, 2..``max_batch`` rows (a batch of one would make
+    torch.export fix the batch size; one example is repeated)."""
+    x, y = np.ascontiguousarray(example[0][:max_batch]), np.asarray(example[1][:max_batch])
+    if len(y) == 0:
+        raise ProgramExportError("no example to trace the training program with")
+    if len(y) == 1:
+        x, y = np.concatenate([x, x]), np.concatenate([y, y])
+    return torch.from_numpy(x), torch.from_numpy(y)
 
 
 def _inputs(x: torch.Tensor, y: torch.Tensor, scale: float, mu: float,

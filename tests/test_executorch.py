@@ -154,6 +154,24 @@ def test_a_model_that_cannot_run_in_executorch_fails_naming_the_op() -> None:
         build_training_program(task, task.build_model(0), example)
 
 
+class _LinearTask(Task):
+    def build_model(self, seed: int) -> torch.nn.Module:
+        torch.manual_seed(seed)
+        return torch.nn.Linear(6, 3)
+
+
+def test_one_example_and_a_small_max_batch_still_export_a_dynamic_batch() -> None:
+    task = _LinearTask()
+    example = (np.ones((1, 6), np.float32), np.zeros(1, np.int64))
+    program = build_training_program(task, task.build_model(0), example, max_batch=4)
+    assert program.manifest.max_batch == 4
+    weights = {k: v.detach().numpy() for k, v in task.build_model(0).named_parameters()}
+    x, y = torch.randn(10, 6), torch.randint(0, 3, (10,))
+    result, _ = fedprox_train_executorch(ProgramRunner(program), weights, {}, x, y, mu=0.0,
+                                         lr=0.1, batch_size=7, steps=2, seed=0)
+    assert (result.steps, result.samples) == (2, 10)  # a batch of 7 in passes of <= 4, then 3
+
+
 def test_a_model_with_buffers_is_refused_with_the_reason() -> None:
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.BatchNorm1d(64),
                                 torch.nn.Linear(64, 10))
