@@ -72,7 +72,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     start.add_argument("--program", metavar="FILE.pte",
                        help="with --runtime executorch: the training program from `fleetfl "
                             "export --format executorch-train` (its FILE.pte.json beside it); "
-                            "default: export the task's program when the first round comes")
+                            "default: export the task's program when the device registers")
     probe = sub.add_parser("probe", help="measure this machine and print its device profile")
     probe.add_argument("--seconds", type=float, default=1.0, help="benchmark duration")
     return client

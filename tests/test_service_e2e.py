@@ -5,7 +5,7 @@ One scenario, run once (module fixture), observed by four tests:
 1. ``fleetfl keys init`` makes a CA, the server certificate and client keys; ``fleetfl data
    split`` makes 3 shards; ``fleetfl coordinator start`` runs over TLS with SuperNode
    authentication; 3 ``fleetfl client start`` devices join (one probes itself, ``--device
-   auto``).
+   auto``; one trains as a phone does, ``--runtime executorch`` on an exported program).
 2. After round 1 is committed, device 2 is killed (SIGKILL, its whole process tree): round 2
    must complete with the other two. Its SuperNode promised a heartbeat every 10 s
    (``fleetfl.client.supernode``), so the SuperLink declares it gone within 20 s of its death
