@@ -82,14 +82,20 @@ def decide(cfg: Mapping[str, Any], local: LocalTask, batch_size: int, *,
     raw = cfg.get(P.MEMORY_STATS)
     if raw is None:
         return MemoryDecision(micro, checkpointing, None)
-    stats = _stats(str(raw))
-    fraction = float(cfg.get(P.MEMORY_BUDGET_FRACTION, 0.0))
-    budget = memory_budget_bytes(local.device, fraction)
-    if measure:  # a real device: its container or unit may allow less than its profile says
-        budget = min(budget, cgroup_memory_limit() or budget)
-    refusal = check_plan(stats, micro, checkpointing, batch_size, budget,
+    refusal = check_plan(_stats(str(raw)), micro, checkpointing, batch_size,
+                         budget_bytes(cfg, local, measure=measure),
                          reserved_bytes=resident_before_training(cfg, measure=measure))
     return MemoryDecision(micro, checkpointing, refusal)
+
+
+def budget_bytes(cfg: Mapping[str, Any], local: LocalTask, *, measure: bool) -> int:
+    """This client's memory budget in bytes: its profile's under the run's
+    ``fleet.memory_budget_fraction``, capped by its cgroup's limit on a real device
+    (``measure``: its container or unit may allow less than its profile says)."""
+    budget = memory_budget_bytes(local.device, float(cfg.get(P.MEMORY_BUDGET_FRACTION, 0.0)))
+    if measure:
+        budget = min(budget, cgroup_memory_limit() or budget)
+    return budget
 
 
 def decide_program(cfg: Mapping[str, Any], local: LocalTask, program_bytes: int,
@@ -103,10 +109,7 @@ def decide_program(cfg: Mapping[str, Any], local: LocalTask, program_bytes: int,
     the process already holds (:func:`resident_before_training`).
     """
     micro, _ = config_settings(cfg, batch_size)
-    fraction = float(cfg.get(P.MEMORY_BUDGET_FRACTION, 0.0))
-    budget = memory_budget_bytes(local.device, fraction)
-    if measure:
-        budget = min(budget, cgroup_memory_limit() or budget)
+    budget = budget_bytes(cfg, local, measure=measure)
     reserved = resident_before_training(cfg, measure=measure)
     if reserved + program_bytes <= budget:
         return MemoryDecision(micro, False, None)

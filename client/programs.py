@@ -67,16 +67,15 @@ def _load(local: LocalTask, path: str | None) -> ProgramRunner:
     from fleetfl.client.solver_executorch import ProgramRunner
     from fleetfl.client.training_program import build_training_program, load_program
 
+    model = local.fresh_model()
     if path is not None:
         program = load_program(path)
-    else:
-        example = (local.x[:8], local.y[:8])
-        program = build_training_program(local.task, local.fresh_model(), example)
+    else:  # the export traces the model's parameters; their values are not changed
+        program = build_training_program(local.task, model, (local.x[:8], local.y[:8]))
     if list(program.manifest.input_shape) != list(local.input_shape):
         raise ValueError(f"training program {path} takes examples of shape "
                          f"{tuple(program.manifest.input_shape)}, this device's data has "
                          f"{local.input_shape}")
     runner = ProgramRunner(program)
-    model = local.fresh_model()
     runner.check_model({k: tuple(v.shape) for k, v in model.state_dict().items()})
     return runner

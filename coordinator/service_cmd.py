@@ -198,9 +198,9 @@ def run(args: argparse.Namespace) -> int:
 def preflight_in_child(config: Config, *, timeout_s: float = 600.0) -> None:
     """``fleetfl.coordinator.preflight.preflight`` (deployed) in a child process, so that the
     calling process (the coordinator's long-lived supervisor) never loads torch and the model
-    (``preflight.py`` imports torch): ~220 MB it would
-    otherwise hold for the whole run. A failed check raises the child's ``ConfigError``
-    (same key, same message); a crash raises ``RuntimeError`` with its stderr."""
+    (``preflight.py`` imports torch): ~220 MB it would otherwise hold for the whole run. A
+    failed check raises the child's ``ConfigError`` (same key, same message); a crash raises
+    ``RuntimeError`` with its stderr."""
     import json
     import subprocess
     import sys
@@ -218,4 +218,3 @@ def preflight_in_child(config: Config, *, timeout_s: float = 600.0) -> None:
         raise ConfigError(error["key"], error["problem"])
     raise RuntimeError(f"the start-up checks crashed (exit {done.returncode}): "
                        f"{done.stderr.strip()[-2000:]}")
-
