@@ -48,7 +48,7 @@ from lying import (  # noqa: E402
     rewrite_update,
 )
 
-from benchmarks.common import emit  # noqa: E402
+from benchmarks.common import PLAIN, emit  # noqa: E402
 from fleetfl import protocol as P  # noqa: E402
 from fleetfl.coordinator.config import load_config  # noqa: E402
 from fleetfl.coordinator.server_app import RunOutcome, run_rounds  # noqa: E402
@@ -58,7 +58,8 @@ CLIENTS = 20
 
 
 def base(rounds: int) -> list[str]:
-    return ["task.dataset=digits", "task.model=cnn", f"federation.num_clients={CLIENTS}",
+    return [*PLAIN, "task.dataset=digits", "task.model=cnn",
+            f"federation.num_clients={CLIENTS}",
             "federation.clients_per_round=10", f"federation.rounds={rounds}",
             "federation.local_epochs=2", "federation.lr=0.05", "fleet.mix={rpi4=1}",
             "compression.entropy_coding=false"]

@@ -35,9 +35,9 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import RESULTS, emit, machine, simulate
+from benchmarks.common import PLAIN, RESULTS, emit, machine, simulate
 
-BASE = ["compression.prune_start_round=2", "compression.prune_end_round=20",
+BASE = [*PLAIN, "compression.prune_start_round=2", "compression.prune_end_round=20",
         "output.plot=false"]
 INT8 = ["compression.update_bits=8", "compression.downlink_bits=8"]
 
@@ -87,6 +87,12 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "x:p75-start10-end20": ("75% pruned + int8, pruning from round 10 to 20",
                             _pruned(0.75, "compression.prune_start_round=10",
                                     "compression.prune_end_round=20")),
+    "x:p75-start5-end15": ("75% pruned + int8, pruning from round 5 to 15",
+                           _pruned(0.75, "compression.prune_start_round=5",
+                                   "compression.prune_end_round=15")),
+    "x:p75-start5-end20": ("75% pruned + int8, pruning from round 5 to 20",
+                           _pruned(0.75, "compression.prune_start_round=5",
+                                   "compression.prune_end_round=20")),
     "x:p80-start10": ("80% pruned + int8, pruning from round 10 to 30",
                       _pruned(0.8, "compression.prune_start_round=10",
                               "compression.prune_end_round=30")),

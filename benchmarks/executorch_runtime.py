@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import emit, simulate
+from benchmarks.common import PLAIN, emit, simulate
 
 MODELS = {"cnn": ("digits", {}), "lstm": ("shakespeare", {"model": "small"})}
 BATCH = 10
@@ -154,7 +154,7 @@ def fleet_benchmark(rounds: int, seeds: list[int], sets: list[str]) -> dict[str,
     with tempfile.TemporaryDirectory() as tmp:
         for seed in seeds:
             for fleet, mapping in _fleets().items():
-                overrides = [f"federation.rounds={rounds}", f"task.seed={seed}",
+                overrides = [*PLAIN, f"federation.rounds={rounds}", f"task.seed={seed}",
                              f"fleet.seed={seed}", f"fleet.runtimes={mapping}", *sets]
                 summary, rows = simulate(overrides, Path(tmp) / f"{fleet}-{seed}")
                 run = {"fleet": fleet, "seed": seed,

@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from benchmarks.common import RESULTS, emit, simulate
+from benchmarks.common import PLAIN, RESULTS, emit, simulate
 
 METHODS = {
     "FedAvg": ["strategy.name=fedavg", "fleet.drop_stragglers=true"],
@@ -27,6 +27,7 @@ STRAGGLERS = (0.0, 0.5, 0.9)
 
 def base(rounds: int, seed: int) -> list[str]:
     return [
+        *PLAIN,
         "task.dataset=synthetic", "task.model=logreg", "task.alpha=1.0", "task.beta=1.0",
         f"task.seed={seed}", "federation.num_clients=30", "federation.clients_per_round=10",
         f"federation.rounds={rounds}", "federation.local_epochs=20", "federation.batch_size=10",

@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.common import emit, simulate
+from benchmarks.common import PLAIN, emit, simulate
 
 NUM_CLIENTS, PER_ROUND, EPOCHS, BATCH, LR = 20, 10, 2, 10, 0.1
 
@@ -98,7 +98,8 @@ def run_flower(rounds: int) -> list[float]:
 
 def run_ours(rounds: int, out: Path) -> float:
     """``fleetfl simulate`` on an always-on fleet; returns trainings/s over rounds 2..R."""
-    _, rows = simulate([f"federation.rounds={rounds}", f"federation.num_clients={NUM_CLIENTS}",
+    _, rows = simulate([*PLAIN, f"federation.rounds={rounds}",
+                        f"federation.num_clients={NUM_CLIENTS}",
                         f"federation.clients_per_round={PER_ROUND}",
                         f"federation.local_epochs={EPOCHS}", f"federation.batch_size={BATCH}",
                         f"federation.lr={LR}", "fleet.mix={rpi5=1}", "output.plot=false"], out)

@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.common import emit
+from benchmarks.common import PLAIN, emit
 from fleetfl import protocol as P
 from fleetfl.coordinator.config import Config, load_config
 from fleetfl.coordinator.planning import MemorySettings, PlanSettings, memory_plan
@@ -114,6 +114,7 @@ def fleet_devices(root: Path, batch: int) -> list[tuple[str, dict[str, Any]]]:
 
 def fleet_config(batch: int, clients: int, runtime: int) -> Config:
     return load_config(None, [
+        *PLAIN,
         "task.dataset=digits", "task.model=randwire", f"federation.num_clients={clients}",
         f"federation.clients_per_round={clients}", "federation.rounds=1",
         "federation.local_epochs=1", f"federation.batch_size={batch}", "federation.lr=0.05",

@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from benchmarks.common import emit, simulate
+from benchmarks.common import PLAIN, emit, simulate
 
 OPTIMIZERS = ("none", "fedadam", "fedyogi")
 ALPHAS = (0.1, 0.5)
@@ -24,7 +24,8 @@ TARGET = 0.90
 
 
 def base(rounds: int, alpha: float) -> list[str]:
-    return ["task.name=digits", "task.params.model=cnn", f"task.params.partition_alpha={alpha}",
+    return [*PLAIN, "task.name=digits", "task.params.model=cnn",
+            f"task.params.partition_alpha={alpha}",
             "federation.num_clients=20", "federation.clients_per_round=10",
             f"federation.rounds={rounds}", "federation.local_epochs=2", "federation.lr=0.05",
             "strategy.mu=0.01", "fleet.mix={rpi4=1}", "output.plot=false"]

@@ -39,7 +39,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import emit
+from benchmarks.common import PLAIN, emit
 from fleetfl.client.daemon import free_port
 
 CLI = shlex.split(os.environ.get("FLEETFL_CLI", f"{sys.executable} -m fleetfl.coordinator.cli"))
@@ -214,7 +214,7 @@ def end_to_end(clients: int, rounds: int, root: Path, secure: bool = False) -> d
     sets = [f"federation.rounds={rounds}", f"federation.num_clients={clients}",
             f"federation.clients_per_round={clients}", f"federation.min_clients={clients}",
             "federation.round_timeout_s=600", f"federation.evaluate_every={rounds}",
-            "fleet.mix={rpi4=1}"]
+            "fleet.mix={rpi4=1}", *PLAIN]
     if secure:
         sets += ["compression.update_bits=8", "secagg.enabled=true"]
     with open(root / "coordinator.log", "wb") as log:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from benchmarks.common import RESULTS, emit, simulate
+from benchmarks.common import PLAIN, RESULTS, emit, simulate
 
 METHODS = {
     "FedAvg": ["strategy.name=fedavg", "fleet.drop_stragglers=true"],
@@ -32,6 +32,7 @@ RUNS = [(0.9, "FedAvg"), (0.9, "FedProx mu=0"), (0.9, "FedProx mu=0.001"),
 
 def base(rounds: int, max_samples: int, seed: int) -> list[str]:
     return [
+        *PLAIN,
         "task.name=shakespeare", "task.params.model=small",
         f"task.params.max_samples={max_samples}", f"task.seed={seed}",
         "federation.num_clients=143", "federation.clients_per_round=10",

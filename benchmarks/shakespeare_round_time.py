@@ -18,7 +18,7 @@ import argparse
 import statistics
 from pathlib import Path
 
-from benchmarks.common import emit, simulate
+from benchmarks.common import PLAIN, emit, simulate
 
 CONFIGS = {
     "plain": [],
@@ -29,7 +29,7 @@ CONFIGS = {
 
 
 def base(rounds: int, epochs: int, max_samples: int) -> list[str]:
-    return ["task.name=shakespeare", f"task.params.max_samples={max_samples}",
+    return [*PLAIN, "task.name=shakespeare", f"task.params.max_samples={max_samples}",
             "federation.num_clients=143", "federation.clients_per_round=10",
             f"federation.rounds={rounds}", f"federation.local_epochs={epochs}",
             "federation.batch_size=10", "federation.lr=0.8", "fleet.mix={rpi4=1}",

@@ -174,12 +174,14 @@ def _check_secagg(config: Config) -> None:
     if not sec.enabled:
         return
     if config.aggregation.robust != "mean":
-        raise ConfigError("aggregation.robust", "secure aggregation gives the coordinator only "
-                                                "the sum; a coordinate-wise rule needs each "
-                                                "update: use 'mean' or disable secagg")
+        raise ConfigError("aggregation.robust", "secure aggregation (on by default) gives the "
+                                                "coordinator only the sum; a coordinate-wise "
+                                                "rule needs each update: use 'mean' or set "
+                                                "secagg.enabled = false")
     if config.compression.update_bits != 8:
-        raise ConfigError("secagg.enabled", "secure aggregation sums int8 updates; set "
-                                            "compression.update_bits = 8")
+        raise ConfigError("secagg.enabled", "secure aggregation (on by default) sums int8 "
+                                            "updates; set compression.update_bits = 8, or "
+                                            "secagg.enabled = false for float32 updates")
     from fleetfl.privacy.graph import choose_parameters
     from fleetfl.privacy.secagg_client import majority_threshold
 
@@ -192,7 +194,8 @@ def _check_secagg(config: Config) -> None:
     except ValueError as err:
         key = "secagg.threshold" if sec.threshold else "secagg.num_neighbours"
         raise ConfigError(key, f"no SecAgg+ parameters for {config.federation.clients_per_round} "
-                               f"clients per round: {err}") from None
+                               f"clients per round: {err} (secagg.enabled = false turns secure "
+                               f"aggregation off)") from None
     if t < majority_threshold(k):  # clients refuse it (a lying coordinator's simpler attack)
         raise ConfigError("secagg.threshold", f"t = {t} is below the majority of k = {k} "
                                               f"neighbours ({majority_threshold(k)}), which "

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fleetfl.compression.masks import pruning_schedule
 from fleetfl.devices.fleet import DEFAULT_MIX, parse_mix
 from fleetfl.devices.memory_planner import DEFAULT_RUNTIME_BYTES, MIB
 from fleetfl.tasks.registry import TaskError, resolve_task
@@ -77,8 +78,9 @@ class FederationConfig:
                                 "evaluates the global model on its local test splits (0: never)")
     max_examples_per_client: int = _f(1_000_000, "a client's claimed example count is capped "
                                                  "here (it weights the client's update)")
-    min_clients: int = _f(1, "a round starts only when this many devices are registered "
-                             "(the coordinator waits, logging it; never a round of 0)")
+    min_clients: int = _f(0, "a round starts only when this many devices are registered "
+                             "(the coordinator waits, logging it; 0: 2 with secure "
+                             "aggregation, else 1)")
     round_wait_s: float = _f(600.0, "wall seconds a round waits for federation.min_clients "
                                     "devices before the run stops with an error")
 
@@ -104,7 +106,7 @@ class FederationConfig:
         _positive("federation.round_timeout_s", self.round_timeout_s)
         _at_least("federation.evaluate_every", self.evaluate_every, 0)
         _positive("federation.max_examples_per_client", self.max_examples_per_client)
-        _positive("federation.min_clients", self.min_clients)
+        _at_least("federation.min_clients", self.min_clients, 0)
         if self.min_clients > self.num_clients:
             raise ConfigError("federation.min_clients", f"{self.min_clients} exceeds "
                                                         f"federation.num_clients="
@@ -219,11 +221,14 @@ def _check_runtimes(runtimes: Mapping[str, str]) -> None:
 class CompressionConfig:
     """Pruning, int8 update transport, downlink precision and quantization-aware training."""
 
-    prune_final_sparsity: float = _f(0.0, "fraction of prunable weights pruned at the end (0-1)")
-    prune_start_round: int = _f(1, "first round of the cubic pruning schedule")
-    prune_end_round: int = _f(10, "round at which prune_final_sparsity is reached")
-    update_bits: int = _f(32, "uplink update precision: 8 (int8, shared clip) or 32 (float32)")
-    downlink_bits: int = _f(32, "global model precision on the downlink: 8, 16 or 32")
+    prune_final_sparsity: float = _f(0.75, "fraction of prunable weights pruned at the end "
+                                           "(0-1; 0: no pruning)")
+    prune_start_round: int = _f(0, "first round of the cubic pruning schedule (0: min(10, "
+                                   "ceil(rounds/3)))")
+    prune_end_round: int = _f(0, "round at which prune_final_sparsity is reached (0: "
+                                 "min(30, rounds))")
+    update_bits: int = _f(8, "uplink update precision: 8 (int8, shared clip) or 32 (float32)")
+    downlink_bits: int = _f(8, "global model precision on the downlink: 8, 16 or 32")
     error_feedback: bool = _f(True, "clients re-send int8 rounding/clipping error next round")
     qat: bool = _f(False, "fake-quant (per-channel int8 weights) during local training")
     entropy_coding: bool = _f(True, "zlib the update and model blobs (lossless)")
@@ -234,8 +239,9 @@ class CompressionConfig:
         if not 0.0 <= self.prune_final_sparsity < 1.0:
             raise ConfigError("compression.prune_final_sparsity",
                               f"must be in [0, 1), got {self.prune_final_sparsity}")
-        _positive("compression.prune_start_round", self.prune_start_round)
-        if self.prune_end_round < self.prune_start_round:
+        _at_least("compression.prune_start_round", self.prune_start_round, 0)
+        _at_least("compression.prune_end_round", self.prune_end_round, 0)
+        if 0 < self.prune_end_round < self.prune_start_round:
             raise ConfigError("compression.prune_end_round",
                               f"{self.prune_end_round} is before prune_start_round "
                               f"{self.prune_start_round}")
@@ -248,12 +254,17 @@ class CompressionConfig:
             raise ConfigError("compression.clip_target", f"must be in (0, 1), got "
                               f"{self.clip_target}")
 
+    def pruning_rounds(self, num_rounds: int) -> tuple[int, int]:
+        """(start, end) rounds of the cubic schedule, 0s resolved for a run of ``num_rounds``."""
+        return pruning_schedule(num_rounds, self.prune_start_round, self.prune_end_round)
+
 
 @dataclass(frozen=True)
 class SecAggConfig:
     """Secure aggregation (SecAgg+): the coordinator learns only the cohort's sum."""
 
-    enabled: bool = _f(False, "SecAgg+ over the int8 updates (needs compression.update_bits = 8)")
+    enabled: bool = _f(True, "SecAgg+ over the int8 updates (needs compression.update_bits = 8 "
+                             "and 2+ clients per round)")
     num_neighbours: int = _f(0, "k, each client's neighbours in the masking graph (0: derived "
                                 "from the cohort size and the fractions below)")
     threshold: int = _f(0, "t, Shamir shares needed to unmask a client (0: derived)")

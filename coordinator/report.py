@@ -10,6 +10,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from fleetfl.coordinator.savings import uplink_breakdown
+
 SUMMARY_FIELDS = (
     "rounds",
     "final_accuracy",
@@ -62,6 +64,8 @@ def build_summary(
             sum(int(r["downlink_bytes"]) for r in rows)
             / max(1, sum(int(r["selected"]) for r in rows))),
         "final_sparsity": last["sparsity"],
+        "uplink_breakdown": uplink_breakdown(
+            rows, int(config.get("compression", {}).get("update_bits", 32))),
         "client_rounds": received,
         "aggregated_total": sum(int(r["aggregated"]) for r in rows),
         "stragglers_total": sum(int(r["stragglers"]) for r in rows),

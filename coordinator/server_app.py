@@ -102,15 +102,17 @@ def run_rounds(grid: Grid, config: Config, outcome: RunOutcome,
         memory=MemorySettings(memory_stats, config.fleet.memory_budget_fraction,
                               config.fleet.runtime_memory_bytes),
         simulated_availability=not deployed,
-        min_clients=fed.min_clients,
+        # SecAgg+ needs 2 clients: a round of 1 would abort, so by default it waits for 2.
+        min_clients=fed.min_clients or (2 if config.secagg.enabled else 1),
         round_wait_s=fed.round_wait_s,
     )
     comp = config.compression
+    prune_start, prune_end = comp.pruning_rounds(fed.rounds)
     transport = ModelTransport(
         TransportSettings(
             prune_final_sparsity=comp.prune_final_sparsity,
-            prune_start_round=comp.prune_start_round,
-            prune_end_round=comp.prune_end_round,
+            prune_start_round=prune_start,
+            prune_end_round=prune_end,
             update_bits=comp.update_bits,
             downlink_bits=comp.downlink_bits,
             initial_clip=comp.initial_clip,

@@ -74,6 +74,8 @@ class RoundStats:
     round_time_s: float = 0.0  # simulated: slowest client waited for, capped by the deadline
     client_train_loss: float = math.nan  # example-weighted mean of the clients' local losses
     sparsity: float = 0.0  # fraction of prunable weights pruned in this round's model
+    values_total: int = 0  # values of the whole model (what a dense update carries)
+    values_kept: int = 0  # values of this round's update: the unpruned ones
     clip: float = math.nan  # shared int8 clip range used this round
     unfit: int = 0  # online clients not selected: no memory plan fits their device
     memory_refused: int = 0  # of the failed: clients that refused a plan over their memory
@@ -169,6 +171,8 @@ class FleetFedProx(FedProx):
         )
         self._cohort = {c.node_id: c for c in cohort}
         stats = RoundStats(server_round, selected=len(cohort), sparsity=self.transport.sparsity,
+                           values_total=self.transport.total_count,
+                           values_kept=self.transport.kept_count,
                            clip=self.transport.clip, unfit=len(drawn.unfit))
         stats.stragglers = sum(p.straggler for p in self._plans.values())
         messages = []

@@ -145,6 +145,11 @@ class ModelTransport:
         self._tail = self._tail + counts
 
     @property
+    def total_count(self) -> int:
+        """Values of the whole model: what a dense update carries."""
+        return sum(math.prod(shape) for shape in self.shapes.values())
+
+    @property
     def kept_count(self) -> int:
         """Values a client's update carries: unpruned coordinates over all tensors."""
         return sum(int(self.masks[k].sum()) if k in self.masks else math.prod(shape)

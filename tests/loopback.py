@@ -19,6 +19,11 @@ from fleetfl.client.app import app as client_app
 
 Tamper = Callable[[Message], Message]
 
+# The defaults run the full stack (int8, pruning, SecAgg+). A test of one path starts from the
+# plain one (float32 both ways, no pruning, no SecAgg+) and turns on what it tests.
+PLAIN = ["compression.update_bits=32", "compression.downlink_bits=32",
+         "compression.prune_final_sparsity=0", "secagg.enabled=false"]
+
 
 class LoopbackGrid:
     """Nodes ``1000 + i`` are simulated clients with ``partition-id`` i."""

@@ -13,7 +13,7 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 from flwr.app import Message
-from loopback import LoopbackGrid
+from loopback import PLAIN, LoopbackGrid
 from lying import (
     everything_clipped,
     out_of_range_secure_inputs,
@@ -26,7 +26,7 @@ from fleetfl.coordinator.config import load_config
 from fleetfl.coordinator.server_app import RunOutcome, run_rounds
 from fleetfl.tasks.builtin import DigitsTask
 
-FLEET = ["task.dataset=digits", "task.model=logreg", "federation.num_clients=10",
+FLEET = [*PLAIN, "task.dataset=digits", "task.model=logreg", "federation.num_clients=10",
          "federation.clients_per_round=10", "federation.rounds=6", "federation.local_epochs=2",
          "federation.lr=0.1", "fleet.mix={rpi4=1}", "compression.entropy_coding=false"]
 INT8 = ["compression.update_bits=8"]

@@ -42,6 +42,7 @@ def test_simulation_on_flower_engine_learns_and_writes_results(tmp_path):
         "--set", "fleet.stragglers=0.5", "--set", "fleet.mix={rpi4=1,phone-high=1}",
         "--set", "compression.update_bits=8", "--set", "compression.prune_final_sparsity=0.5",
         "--set", "compression.prune_end_round=3", "--set", "compression.downlink_bits=16",
+        "--set", "secagg.enabled=false",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
@@ -61,3 +62,4 @@ def test_simulation_on_flower_engine_learns_and_writes_results(tmp_path):
     assert summary["config"]["fleet"]["stragglers"] == 0.5
     assert (out / "report.png").stat().st_size > 10_000
     assert "final_accuracy" in proc.stdout  # the final table
+    assert "pruning (values not sent)" in proc.stdout and "uplink sent" in proc.stdout

@@ -19,6 +19,7 @@ from fleetfl.compression.masks import (
     mask_id,
     pack_masks,
     prunable,
+    pruning_schedule,
     scatter_values,
     sparse_values,
     sparsity_of,
@@ -290,3 +291,15 @@ def test_unpack_rejects_wrong_lengths_and_padding():
         unpack_masks({"m": np.array([0, 0b01000000], np.uint8)}, {"m": (3, 3)})
     with pytest.raises(ValueError, match="expected 4 values"):
         scatter_values(np.zeros(3), np.array([1, 1, 0, 1, 1], bool), (5,))
+
+
+def test_the_default_schedule_prunes_late_and_fits_short_runs() -> None:
+    assert pruning_schedule(30) == (10, 30)  # the schedule that measured best (BENCHMARKS.md)
+    assert pruning_schedule(60) == (10, 30)
+    assert pruning_schedule(12) == (4, 12)
+    assert pruning_schedule(1) == (1, 1)
+    assert pruning_schedule(30, start_round=2) == (2, 30)
+    assert pruning_schedule(30, end_round=6) == (6, 6)  # an explicit end pulls the start back
+    assert pruning_schedule(30, 2, 20) == (2, 20)
+    assert cubic_sparsity(10, start_round=10, end_round=30, final_sparsity=0.75) == 0.0
+    assert cubic_sparsity(30, start_round=10, end_round=30, final_sparsity=0.75) == 0.75

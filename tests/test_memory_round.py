@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from device_process import ProcessGrid, runtime_bytes
 from flwr.app import Message
-from loopback import LoopbackGrid
+from loopback import PLAIN, LoopbackGrid
 
 from fleetfl import protocol as P
 from fleetfl.client.local import LocalTask, load_local_task, task_settings
@@ -40,6 +40,7 @@ DIGITS = (1, 8, 8)
 BATCH = 64
 RPI3 = get_profile("rpi3").memory_budget_bytes  # 512 MiB
 CNN = [
+    *PLAIN,
     "task.dataset=digits", "task.model=cnn", "federation.num_clients=8",
     "federation.clients_per_round=8", "federation.rounds=1", "federation.local_epochs=1",
     f"federation.batch_size={BATCH}", "federation.lr=0.05",

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from loopback import LoopbackGrid
+from loopback import PLAIN, LoopbackGrid
 
 from fleetfl.coordinator.config import load_config
 from fleetfl.coordinator.server_app import RunOutcome, run_rounds
@@ -111,7 +111,7 @@ def test_randwire_trains_in_the_fleet() -> None:
     """Real ServerApp and ClientApp over loopback delivery: every update decodes, passes
     screening and is aggregated, and local training makes progress from chance (ln 10)."""
     cfg = load_config(None, [
-        "task.dataset=digits", "task.model=randwire", "federation.num_clients=4",
+        *PLAIN, "task.dataset=digits", "task.model=randwire", "federation.num_clients=4",
         "federation.clients_per_round=2", "federation.rounds=2", "federation.local_epochs=1",
         "federation.batch_size=32", "federation.lr=0.1", "fleet.mix={rpi4=1}",
     ])

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from loopback import LoopbackGrid
+from loopback import PLAIN, LoopbackGrid
 
 from fleetfl import protocol as P
 from fleetfl.coordinator.checkpoint import load_checkpoint
@@ -22,10 +22,12 @@ from fleetfl.coordinator.state import RoundStore, StateError
 # Error feedback is off: its residual lives in each client's context, which a loopback grid
 # rebuilt for the second process does not carry over (a real SuperNode keeps it per run).
 SETTINGS = [
+    *PLAIN,
     "task.dataset=digits", "task.model=cnn", "federation.num_clients=6",
     "federation.clients_per_round=3", "federation.local_epochs=1", "fleet.mix={rpi4=1}",
     "compression.update_bits=8", "compression.error_feedback=false",
-    "compression.prune_final_sparsity=0.5", "compression.prune_end_round=3",
+    "compression.prune_final_sparsity=0.5", "compression.prune_start_round=1",
+    "compression.prune_end_round=3",
 ]
 
 

@@ -8,13 +8,14 @@ import zlib
 import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Message, RecordDict
-from loopback import LoopbackGrid
+from loopback import PLAIN, LoopbackGrid
 
 from fleetfl import protocol as P
 from fleetfl.coordinator.config import load_config
 from fleetfl.coordinator.server_app import RunOutcome, run_rounds
 
 SMALL = [
+    *PLAIN,
     "task.dataset=digits", "task.model=logreg", "federation.num_clients=10",
     "federation.clients_per_round=5", "federation.rounds=4", "federation.local_epochs=2",
     "federation.lr=0.1", "fleet.mix={rpi4=1}",
@@ -85,7 +86,7 @@ def test_stragglers_are_kept_by_fedprox_and_dropped_by_fedavg():
     assert [r["stragglers"] for r in kept.rows] == [r["stragglers"] for r in dropped.rows]
 
 
-PLAIN = "compression.entropy_coding=false"  # tamper with the codec's own bytes, not zlib's
+NO_ZLIB = "compression.entropy_coding=false"  # tamper with the codec's own bytes, not zlib's
 
 
 def _flip(blob: bytes) -> bytes:
@@ -95,10 +96,10 @@ def _flip(blob: bytes) -> bytes:
 @pytest.mark.parametrize(
     ("corrupt", "overrides", "reason"),
     [
-        (_flip, [PLAIN], "checksum"),
-        (lambda b: b[: len(b) // 2], [PLAIN], "truncated"),
-        (lambda b: b + b"\0" * 64, [PLAIN], "oversized"),
-        (_nan_last_value, [PLAIN, "compression.update_bits=32"], "NaN"),
+        (_flip, [NO_ZLIB], "checksum"),
+        (lambda b: b[: len(b) // 2], [NO_ZLIB], "truncated"),
+        (lambda b: b + b"\0" * 64, [NO_ZLIB], "oversized"),
+        (_nan_last_value, [NO_ZLIB, "compression.update_bits=32"], "NaN"),
         (_flip, [], "corrupt entropy-coded stream"),
         (lambda b: b + b"\0" * 64, [], "trailing bytes after the zlib stream"),
     ],

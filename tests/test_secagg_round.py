@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from flwr.app import Message
-from loopback import LoopbackGrid
+from loopback import PLAIN, LoopbackGrid
 
 from fleetfl import protocol as P
 from fleetfl.coordinator.config import load_config
@@ -19,6 +19,7 @@ from fleetfl.coordinator.transport import ModelTransport
 
 # int8 with error feedback and pruning to 50 % by round 3: the secure sum has to carry all of it.
 SETTINGS = [
+    *PLAIN,
     "task.dataset=digits", "task.model=cnn", "federation.num_clients=8",
     "federation.clients_per_round=8", "federation.local_epochs=1", "fleet.mix={rpi4=1}",
     "compression.update_bits=8", "compression.prune_final_sparsity=0.5",
