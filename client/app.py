@@ -19,6 +19,7 @@ from fleetfl import protocol as P
 from fleetfl.client import programs, secure
 from fleetfl.client.local import load_local_task, task_settings
 from fleetfl.client.memory import is_real_device, measured_runtime
+from fleetfl.client.state_store import offloaded
 from fleetfl.tasks.task import Task
 
 
@@ -40,11 +41,13 @@ def client_app(task: Task | None = None) -> ClientApp:
     def _train(msg: Message, context: Context) -> Message:
         from fleetfl.client.training import train
 
-        return train(msg, context, task)
+        with offloaded(context):  # simulation: the node's state lives on the workers' disk
+            return train(msg, context, task)
 
     @client.query("secagg")
     def _secagg(msg: Message, context: Context) -> Message:
-        return secagg(msg, context)
+        with offloaded(context):
+            return secagg(msg, context)
 
     @client.evaluate()
     def _evaluate(msg: Message, context: Context) -> Message:
@@ -81,7 +84,6 @@ def secagg(msg: Message, context: Context) -> Message:
     """Stages 1, 2 and 4 of secure aggregation (keys, shares, unmasking); see client/secure.py."""
     record = secure.answer(msg.content[P.SECAGG], context)
     return Message(RecordDict({P.SECAGG: record}), reply_to=msg)
-
 
 
 app = client_app()

@@ -12,6 +12,7 @@ import contextlib
 import logging
 import math
 import os
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,9 +23,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from fleetfl.client.daemon import THREAD_VARS
+from fleetfl.client.state_store import ENV as STATE_ENV
 from fleetfl.coordinator.config import Config
 from fleetfl.coordinator.preflight import preflight
 from fleetfl.coordinator.report import append_row, build_summary, plot_report, write_summary
+from fleetfl.coordinator.savings import savings_rows
 from fleetfl.coordinator.server_app import RunOutcome, make_server_app
 
 
@@ -61,10 +64,6 @@ def _quiet_flower(verbose: bool) -> None:
 
 def simulate(config: Config, *, verbose: bool = False, console: Console | None = None) -> dict:
     """Run the configured simulation; return the summary (also written to the output dir)."""
-    from flwr.simulation import run_simulation
-
-    from fleetfl.client.app import app as client_app
-
     preflight(config)  # a feature that cannot apply to the model: an error before Ray starts
     console = console or Console(stderr=True)
     out = Path(config.output.dir)
@@ -77,6 +76,32 @@ def simulate(config: Config, *, verbose: bool = False, console: Console | None =
     # federation.ray_address keeps its nodes' own environment.
     for var, value in worker_thread_env(config).items():
         os.environ.setdefault(var, value)
+    with _client_state_dir():
+        return _run(config, out, metrics_path, verbose, console)
+
+
+@contextlib.contextmanager
+def _client_state_dir() -> Iterator[None]:
+    """A fresh directory for the simulated clients' state (:mod:`fleetfl.client.state_store`)
+    while the run lasts, unless the user named one (a shared directory on a cluster)."""
+    if os.environ.get(STATE_ENV):
+        yield
+        return
+    with tempfile.TemporaryDirectory(prefix="fleetfl-client-state-") as tmp:
+        os.environ[STATE_ENV] = tmp
+        try:
+            yield
+        finally:
+            os.environ.pop(STATE_ENV, None)
+
+
+def _run(config: Config, out: Path, metrics_path: Path, verbose: bool,
+         console: Console) -> dict:
+    """The body of :func:`simulate`, once the environment is set."""
+    from flwr.simulation import run_simulation
+
+    from fleetfl.client.app import app as client_app
+
     outcome = RunOutcome()
     started = time.perf_counter()
     progress = Progress(
@@ -153,4 +178,7 @@ def summary_table(summary: dict[str, Any], out_dir: str) -> Table:
     }
     for key, pattern in fmt.items():
         table.add_row(key, pattern.format(summary[key]))
+    table.add_section()
+    for feature, text in savings_rows(summary):
+        table.add_row(feature, text)
     return table
