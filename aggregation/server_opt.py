@@ -75,3 +75,11 @@ class ServerOptimizer:
         self.t = int(state.get("t", 0))
         self.m = {k: np.asarray(a, np.float64) for k, a in dict(state.get("m", {})).items()}
         self.v = {k: np.asarray(a, np.float64) for k, a in dict(state.get("v", {})).items()}
+
+
+def apply_step(base: dict[str, np.ndarray], step: dict[str, np.ndarray],
+               masks: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """w_{t+1} = w_t + s_t in each tensor's dtype, with s_t zeroed where a mask prunes: a
+    server step with memory (momentum) must not revive a pruned weight."""
+    return {k: w + (step[k] * masks[k] if k in masks else step[k]).astype(w.dtype, copy=False)
+            for k, w in base.items()}

@@ -86,9 +86,9 @@ def nothing() -> Iterator[None]:
 
 @contextlib.contextmanager
 def no_sum_check() -> Iterator[None]:
-    from fleetfl.coordinator import secure_strategy
+    from fleetfl.aggregation import aggregator
 
-    with mock.patch.object(secure_strategy, "secure_sum_problem", lambda *a: None):
+    with mock.patch.object(aggregator, "secure_sum_problem", lambda *a: None):
         yield
 
 

@@ -35,7 +35,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from fleetfl import protocol as P
-from fleetfl.aggregation.sum_bounds import secure_sum_problem
+from fleetfl.aggregation.aggregator import Aggregator, SecureSum
+from fleetfl.aggregation.combine import Combined
 from fleetfl.compression.quantize import TAIL_LEVELS, TailCounts
 from fleetfl.coordinator.strategy import FleetFedProx, ReplyError, RoundStats, _Reply
 from fleetfl.privacy import SecAggAbort, SecAggParams, SecAggServer
@@ -92,34 +93,47 @@ class SecureFleetFedProx(FleetFedProx):
         return record
 
     def _combine(self, kept: list[_Reply], stats: RoundStats) -> list[np.ndarray] | None:
-        """Stage 4 and the unmasked sum of the kept replies: the round's average Δ."""
-        server = self._server
-        if server is None:
-            return None
-        try:
-            unmask = server.unmask_requests({r.node: r.update for r in kept})
-            result = server.finish(self._exchange(unmask))
-        except SecAggAbort as err:
-            self._abort(stats, err)
-            return None
-        finally:
-            stats.secagg_server_s = sum(server.stats.seconds.values())
-            stats.rejected += len(server.rejections)
-            for rejection in server.rejections:
-                log.warning("round %d: secure aggregation rejected %s", stats.server_round,
-                            rejection)
-        survivors = list(result.survivors)
-        stats.aggregated = len(survivors)
-        values, tail = result.sum[:-TAIL_LEVELS], result.sum[-TAIL_LEVELS:]
-        problem = secure_sum_problem(values, tail, len(survivors))
-        if problem is not None:  # a client lied inside its mask: refuse the whole sum
+        """Stage 4 and the unmasked sum of the kept replies (no round without stages 1-3)."""
+        return None if self._server is None else super()._combine(kept, stats)
+
+    def _aggregator(self) -> Aggregator:
+        """The survivors' mean from the unmasked sum (:class:`SecureSum`), stage 4 on Flower."""
+        assert self._server is not None
+        return SecureSum(self._server, self._exchange, self.transport.clip, self._tensors,
+                         TAIL_LEVELS)
+
+    def _tensors(self, values: np.ndarray) -> list[np.ndarray]:
+        """Kept coordinates -> full-shape tensors in ``self._keys`` order."""
+        scattered = self.transport.scatter(values)
+        return [scattered[k] for k in self._keys]
+
+    def _update_of(self, reply: _Reply) -> Any:
+        return reply.update  # the masked input record
+
+    def _weight_of(self, reply: _Reply) -> float:
+        return self._omega[reply.node]
+
+    def _account(self, aggregator: Aggregator, result: Combined | None,
+                 stats: RoundStats) -> None:
+        """Record the protocol's outcome; the survivors' tail counts set the next clip."""
+        assert isinstance(aggregator, SecureSum)
+        outcome = aggregator.outcome
+        stats.secagg_server_s = outcome.server_s
+        stats.rejected += len(outcome.rejections)
+        for rejection in outcome.rejections:
+            log.warning("round %d: secure aggregation rejected %s", stats.server_round,
+                        rejection)
+        if outcome.aborted is not None:
+            self._abort(stats, outcome.aborted)
+            return
+        stats.aggregated = len(outcome.survivors)
+        if outcome.refused is not None:
             stats.secagg_refused, stats.aggregated = 1, 0
             log.warning("round %d: secure sum refused, no model update: %s",
-                        stats.server_round, problem)
-            return None
-        self.transport.record_tail(TailCounts(self.transport.kept_count * len(survivors),
-                                              tuple(int(t) for t in tail)))
-        return self._mean_from_sum(self.transport.scatter(values), survivors)
+                        stats.server_round, outcome.refused)
+            return
+        self.transport.record_tail(TailCounts(self.transport.kept_count * len(outcome.survivors),
+                                              outcome.tail))
 
     def _exchange(self, requests: Mapping[int, Any]) -> dict[int, ConfigRecord]:
         """Send one stage's requests as ``query.secagg``; the usable replies by node id.
@@ -148,7 +162,7 @@ class SecureFleetFedProx(FleetFedProx):
         return replies
 
     @staticmethod
-    def _abort(stats: RoundStats, err: Exception) -> None:
+    def _abort(stats: RoundStats, err: Exception | str) -> None:
         stats.secagg_aborted, stats.aggregated = 1, 0
         log.warning("round %d: secure aggregation aborted, no model update: %s",
                     stats.server_round, err)

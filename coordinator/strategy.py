@@ -19,6 +19,9 @@ where S_t is the cohort minus failed, rejected and late replies. What this class
   mask id, NaN/Inf, checksum; metrics) and rejects a bad one *for that client only*; keeps
   stragglers' partial work (FedProx) or drops it (``drop_stragglers``, FedAvg's behaviour in the
   FedProx paper); measures bytes from the serialized messages and advances the virtual clock.
+* combining holds no math here: each kept reply is added to the round's aggregator
+  (:mod:`fleetfl.aggregation.aggregator`, chosen by ``_aggregator``) with its weight, and the
+  server optimizer steps on the result (:mod:`fleetfl.aggregation.server_opt`).
 """
 
 from __future__ import annotations
@@ -35,9 +38,10 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedProx
 
 from fleetfl import protocol as P
-from fleetfl.aggregation.combine import RobustRule, combine_float, combine_int8
-from fleetfl.aggregation.int8_mean import int8_weighted_mean, update_weights
-from fleetfl.aggregation.server_opt import ServerOptimizer
+from fleetfl.aggregation.aggregator import Aggregator, FloatMean, Int8Sum
+from fleetfl.aggregation.combine import Combined, RobustRule
+from fleetfl.aggregation.int8_mean import update_weights
+from fleetfl.aggregation.server_opt import ServerOptimizer, apply_step
 from fleetfl.coordinator.planning import PlanSettings, draw_cohort, plan_cohort, probe_plan
 from fleetfl.coordinator.registry import ClientInfo, FleetRegistry
 from fleetfl.coordinator.transport import ModelTransport
@@ -277,38 +281,47 @@ class FleetFedProx(FedProx):
         weights = [r.num_examples for r in kept]
         stats.client_train_loss = float(np.average([r.loss for r in kept], weights=weights))
         step = self.server_opt.step(dict(zip(self._keys, mean_delta, strict=True)))
-        masks = self.transport.masks  # a server step (momentum) must not revive pruned weights
-        new = [self._base[k] + (step[k] * masks[k] if k in masks else step[k]).astype(
-            self._base[k].dtype, copy=False) for k in self._keys]
+        new = apply_step({k: self._base[k] for k in self._keys}, step, self.transport.masks)
         metrics = MetricRecord(
             {P.TRAIN_LOSS: stats.client_train_loss, P.NUM_EXAMPLES: int(sum(weights))}
         )
-        return P.arrays_to_record(self._keys, new), metrics
+        return P.arrays_to_record(self._keys, [new[k] for k in self._keys]), metrics
 
     def _combine(self, kept: list[_Reply], stats: RoundStats) -> list[np.ndarray] | None:
-        """The kept replies' Δ, tensors in ``self._keys`` order (``None``: no update).
+        """The kept replies' Δ̄, tensors in ``self._keys`` order (``None``: no update): each
+        added to this round's :meth:`_aggregator` with its weight, then read."""
+        aggregator = self._aggregator()
+        for r in kept:
+            aggregator.add(r.node, self._update_of(r), self._weight_of(r))
+        result = aggregator.result()
+        self._account(aggregator, result, stats)
+        return None if result is None else result.delta
 
-        float32: Σ n_k Δ_k / Σ n_k; int8: s Σ q_k / Σ ω_k from the exact integer sum (as
-        secure aggregation computes it). Before that, ``self.robust`` bounds each update's
-        norm, and may replace the mean: :mod:`fleetfl.aggregation.combine`.
-        """
-        updates = [[r.update[k] for k in self._keys] for r in kept]
+    def _aggregator(self) -> Aggregator:
+        """float32 updates: the example-weighted mean; int8: the exact integer sum (ω weights);
+        both with ``self.robust``'s norm bounds and rule (:mod:`fleetfl.aggregation`)."""
         if self.transport.settings.update_bits == 32:
-            result = combine_float(updates, [r.num_examples for r in kept], self.robust)
-        else:
-            result = combine_int8(updates, [self._omega[r.node] for r in kept],
-                                  self.transport.clip, self.robust)
-        stats.norm_bounded = result.norm_bounded
-        if result.norm_bounded:
+            return FloatMean(self.robust)
+        return Int8Sum(self.robust, self.transport.clip)
+
+    def _update_of(self, reply: _Reply) -> Any:
+        """What the aggregator adds: the reply's tensors in ``self._keys`` order."""
+        return [reply.update[k] for k in self._keys]
+
+    def _weight_of(self, reply: _Reply) -> float:
+        """n_k (registered, not claimed) for float32 updates, ω_k for int8 ones."""
+        if self.transport.settings.update_bits == 32:
+            return reply.num_examples
+        return self._omega[reply.node]
+
+    def _account(self, aggregator: Aggregator, result: Combined | None,
+                 stats: RoundStats) -> None:
+        """Record what combining did: updates scaled down to the norm bound."""
+        stats.norm_bounded = result.norm_bounded if result is not None else 0
+        if stats.norm_bounded:
             log.warning("round %d: %d update(s) scaled down to the norm bound "
                         "(aggregation.clip_norm, aggregation.norm_bound_ratio)",
-                        stats.server_round, result.norm_bounded)
-        return result.delta
-
-    def _mean_from_sum(self, q_sum: dict[str, np.ndarray], nodes: list[int]) -> list[np.ndarray]:
-        """scale · Σ q_k / Σ ω_k per tensor, from the int64 sum of the int8 updates of ``nodes``."""
-        omega = sum(self._omega[n] for n in nodes)
-        return [int8_weighted_mean(q_sum[k], omega, self.transport.clip) for k in self._keys]
+                        stats.server_round, stats.norm_bounded)
 
     def _read_reply(self, msg: Message) -> _Reply:
         """Validate one training reply (raises :class:`ReplyError` naming the problem)."""

@@ -169,3 +169,32 @@ def test_update_weights_and_int8_weighted_mean_reject_bad_input():
         int8_weighted_mean(q.astype(np.float64), 2.0, 1.0)
     np.testing.assert_array_equal(int8_weighted_mean(q, 2.0, 1.0),
                                   q * np.float64(int8_scale(1.0)) / 2.0)
+
+
+# ------------------------------------------------------------------ the add/result interface
+def test_aggregators_add_then_result_match_the_formulas():
+    from fleetfl.aggregation.aggregator import FloatMean, Int8Sum
+    from fleetfl.aggregation.combine import RobustRule
+
+    rule = RobustRule()  # no bounds: the plain means
+    floats = FloatMean(rule)
+    assert floats.result() is None  # nothing added: no model update
+    floats.add(1, [np.array([1.0, 2.0], np.float32)], 1)
+    floats.add(2, [np.array([3.0, 6.0], np.float32)], 3)
+    np.testing.assert_allclose(floats.result().delta[0], [2.5, 5.0])
+    ints = Int8Sum(rule, clip=1.27)  # s = 0.01
+    ints.add(1, [np.array([100, -20], np.int8)], 0.5)
+    ints.add(2, [np.array([-100, 127], np.int8)], 1.5)
+    # s Σ q_k / Σ ω_k, from the integer sum
+    np.testing.assert_allclose(ints.result().delta[0], [0.0, 1.07 / 2.0])
+
+
+def test_a_server_step_never_revives_a_pruned_weight():
+    from fleetfl.aggregation.server_opt import apply_step
+
+    base = {"w": np.array([0.0, 1.0], np.float32), "b": np.array([0.5], np.float32)}
+    step = {"w": np.array([0.3, 0.3]), "b": np.array([-0.5])}
+    new = apply_step(base, step, {"w": np.array([False, True])})
+    np.testing.assert_allclose(new["w"], [0.0, 1.3])
+    np.testing.assert_allclose(new["b"], [0.0])
+    assert new["w"].dtype == np.float32

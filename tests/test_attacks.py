@@ -102,7 +102,7 @@ def test_a_secure_sum_out_of_honest_bounds_is_refused(monkeypatch: pytest.Monkey
     input, but 10 int8 inputs cannot sum past 1270: those rounds are refused, the model kept.
     (The liar is detected, not identified: it can stall the rounds it joins, not poison them.)
     """
-    from fleetfl.coordinator import secure_strategy
+    from fleetfl.aggregation import aggregator
 
     secagg = [*INT8, "secagg.enabled=true"]
     with out_of_range_secure_inputs({1000}, 2000, from_call=4):  # client 0, in every round
@@ -112,7 +112,7 @@ def test_a_secure_sum_out_of_honest_bounds_is_refused(monkeypatch: pytest.Monkey
     before = defended.rows[2]
     assert before["accuracy"] > defended.initial["accuracy"] + 0.2  # rounds 1-3 learned
     assert defended.rows[-1]["loss"] == before["loss"]  # and the model was kept since
-    monkeypatch.setattr(secure_strategy, "secure_sum_problem", lambda *a: None)
+    monkeypatch.setattr(aggregator, "secure_sum_problem", lambda *a: None)
     with out_of_range_secure_inputs({1000}, 2000, from_call=4):
         undefended = _run(secagg)
     assert undefended.rows[-1]["loss"] > 2 * before["loss"]  # the attack itself is real
