@@ -31,7 +31,10 @@ from collections.abc import Sequence
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, RecordDict
-from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+from flwr.supercore.inflatable.inflatable_object import (
+    get_all_nested_objects,
+    no_object_id_recompute,
+)
 
 from fleetfl.devices.memory_planner import CONFIG_KEYS as _MEMORY_PLAN_KEYS
 
@@ -94,4 +97,8 @@ def record_bytes(content: RecordDict) -> int:
 
     This is what crosses the network for the message body; it is measured, not estimated.
     """
-    return sum(len(obj.deflate()) for obj in get_all_nested_objects(content).values())
+    # Flower recomputes an object's id (deflate + SHA-256) every time it is asked, and a
+    # parent's id asks for its children's: inside no_object_id_recompute each id is computed
+    # once, which makes this 3-4x faster on a model-sized message (same count).
+    with no_object_id_recompute():
+        return sum(len(obj.deflate()) for obj in get_all_nested_objects(content).values())
