@@ -75,10 +75,11 @@ DEFAULT_PRUNE_END = 30
 def pruning_schedule(num_rounds: int, start_round: int = 0, end_round: int = 0) -> tuple[int, int]:
     """(t0, t1) of :func:`cubic_sparsity` for a run of ``num_rounds``; a 0 is the default:
     t0 = min(10, ceil(num_rounds / 3)), t1 = min(30, num_rounds), never before t0."""
+    if start_round and end_round:
+        return start_round, end_round
+    if end_round:  # only the end given: the default start, unless that comes after it
+        return min(DEFAULT_PRUNE_START, math.ceil(num_rounds / 3), end_round), end_round
     start = start_round or min(DEFAULT_PRUNE_START, math.ceil(num_rounds / 3))
-    if end_round:
-        start = min(start, end_round) if not start_round else start
-        return start, end_round
     return start, max(start, min(DEFAULT_PRUNE_END, num_rounds))
 
 

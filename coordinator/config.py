@@ -178,6 +178,10 @@ def _check_secagg(config: Config) -> None:
                                                 "coordinator only the sum; a coordinate-wise "
                                                 "rule needs each update: use 'mean' or set "
                                                 "secagg.enabled = false")
+    if config.federation.clients_per_round < 2:
+        raise ConfigError("federation.clients_per_round", "secure aggregation (on by default) "
+                                                          "needs 2 or more clients per round; "
+                                                          "or set secagg.enabled = false")
     if config.compression.update_bits != 8:
         raise ConfigError("secagg.enabled", "secure aggregation (on by default) sums int8 "
                                             "updates; set compression.update_bits = 8, or "

@@ -154,3 +154,19 @@ def test_the_documented_configs_load():
     assert sample in deploy  # the file is the sample the docs show
     for path in sorted((root / "examples").glob("*.toml")):
         load_config(str(path), [])
+
+
+def test_the_defaults_are_the_full_stack_and_its_conflicts_say_how_out() -> None:
+    config = load_config(None)
+    assert (config.compression.update_bits, config.compression.downlink_bits) == (8, 8)
+    assert config.compression.prune_final_sparsity == 0.75 and config.secagg.enabled
+    assert config.compression.pruning_rounds(config.federation.rounds) == (10, 30)
+    with pytest.raises(ConfigError, match="secagg.enabled.*secagg.enabled = false"):
+        load_config(None, ["compression.update_bits=32"])
+    with pytest.raises(ConfigError, match="federation.clients_per_round.*secagg.enabled"):
+        load_config(None, ["federation.clients_per_round=1"])
+    with pytest.raises(ConfigError, match="aggregation.robust.*secagg.enabled = false"):
+        load_config(None, ["aggregation.robust=median"])
+    plain = load_config(None, ["compression.update_bits=32", "secagg.enabled=false",
+                               "federation.clients_per_round=1"])
+    assert not plain.secagg.enabled
