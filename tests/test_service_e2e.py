@@ -264,7 +264,13 @@ def test_rounds_complete_over_tls_with_node_auth(deployment: Deployment) -> None
     assert rows[-1]["accuracy"] > 0.5  # federated evaluation on the devices' test splits
     assert rows[-1]["sparsity"] == pytest.approx(0.5, abs=0.02)  # compression ran, and resumed
     assert all(r["secagg_aborted"] == 0 and r["secagg_uplink_bytes"] > 0 for r in rows)
-    assert [r["executorch"] for r in rows] == [int(PHONE)] * ROUNDS  # device 1, in ExecuTorch
+    # Device 1 trains in ExecuTorch. A round may start with 2 of the 3 devices (min_clients)
+    # while the phone, which loads its program first, is still registering: where all 3
+    # trained, its reply must say ExecuTorch; it must have said so in some round.
+    whole = [r for r in rows if r["selected"] == 3 and r["failed"] == 0]
+    assert all(r["executorch"] == int(PHONE) for r in whole), [r["executorch"] for r in rows]
+    assert {r["executorch"] for r in rows} <= {0, 1}
+    assert any(r["executorch"] for r in rows) == PHONE
 
 
 def test_client_killed_mid_round_the_round_completes(deployment: Deployment) -> None:
