@@ -221,8 +221,8 @@ def _check_runtimes(runtimes: Mapping[str, str]) -> None:
 class CompressionConfig:
     """Pruning, int8 update transport, downlink precision and quantization-aware training."""
 
-    prune_final_sparsity: float = _f(0.75, "fraction of prunable weights pruned at the end "
-                                           "(0-1; 0: no pruning)")
+    prune_final_sparsity: float = _f(0.8, "fraction of prunable weights pruned at the end "
+                                          "(0-1; 0: no pruning)")
     prune_start_round: int = _f(0, "first round of the cubic pruning schedule (0: min(10, "
                                    "ceil(rounds/3)))")
     prune_end_round: int = _f(0, "round at which prune_final_sparsity is reached (0: "

@@ -159,7 +159,7 @@ def test_the_documented_configs_load():
 def test_the_defaults_are_the_full_stack_and_its_conflicts_say_how_out() -> None:
     config = load_config(None)
     assert (config.compression.update_bits, config.compression.downlink_bits) == (8, 8)
-    assert config.compression.prune_final_sparsity == 0.75 and config.secagg.enabled
+    assert config.compression.prune_final_sparsity == 0.8 and config.secagg.enabled
     assert config.compression.pruning_rounds(config.federation.rounds) == (10, 30)
     with pytest.raises(ConfigError, match="secagg.enabled.*secagg.enabled = false"):
         load_config(None, ["compression.update_bits=32"])

@@ -24,11 +24,11 @@ def _rows(overrides: list[str]) -> tuple[list[dict], dict]:
 
 
 def test_the_defaults_save_by_pruning_and_int8_and_pay_for_secagg() -> None:
-    rows, config = _rows([])  # the defaults: int8, 75 % pruning (rounds 1 -> 3 here), SecAgg+
+    rows, config = _rows([])  # the defaults: int8, 80 % pruning (rounds 1 -> 3 here), SecAgg+
     assert [r["values_total"] for r in rows] == [LOGREG_VALUES] * 3
     pruned = [LOGREG_VALUES - r["values_kept"] for r in rows]
     assert pruned == [round(r["sparsity"] * LOGREG_PRUNABLE) for r in rows]
-    assert pruned[0] == 0 and pruned[-1] == round(0.75 * LOGREG_PRUNABLE)
+    assert pruned[0] == 0 and pruned[-1] == round(0.8 * LOGREG_PRUNABLE)
     up = uplink_breakdown(rows, 8)
     assert up["pruning"] == sum(4 * r["received"] * p for r, p in zip(rows, pruned, strict=True))
     assert up["int8"] == sum(3 * r["received"] * r["values_kept"] for r in rows)
