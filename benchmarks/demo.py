@@ -24,10 +24,13 @@ def main() -> None:
     args = parser.parse_args()
     runs = [simulate([], args.out / f"rep{i}")[0] for i in range(args.repeats)]
     keys = ("final_accuracy", "best_accuracy", "wall_time_s", "process_wall_time_s",
-            "simulated_time_s", "uplink_bytes_per_client_round")
+            "simulated_time_s", "uplink_bytes_per_client_round", "compression_ratio_uplink",
+            "client_rounds", "unfit_total")
     emit("demo", {
         "repeats": args.repeats,
-        "runs": [{k: r[k] for k in keys} for r in runs],
+        "config": runs[0]["config"],
+        "runs": [{**{k: r[k] for k in keys}, "uplink_breakdown": r["uplink_breakdown"]}
+                 for r in runs],
         "median": {k: statistics.median(r[k] for r in runs) for k in keys},
     })
 
