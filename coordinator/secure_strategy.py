@@ -110,9 +110,6 @@ class SecureFleetFedProx(FleetFedProx):
     def _update_of(self, reply: _Reply) -> Any:
         return reply.update  # the masked input record
 
-    def _weight_of(self, reply: _Reply) -> float:
-        return self._omega[reply.node]
-
     def _account(self, aggregator: Aggregator, result: Combined | None,
                  stats: RoundStats) -> None:
         """Record the protocol's outcome; the survivors' tail counts set the next clip."""
