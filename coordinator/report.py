@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from fleetfl.coordinator.savings import uplink_breakdown
+from fleetfl.coordinator.savings import fp32_model_bytes, uplink_breakdown
 
 SUMMARY_FIELDS = (
     "rounds",
@@ -66,6 +66,7 @@ def build_summary(
         "final_sparsity": last["sparsity"],
         "uplink_breakdown": uplink_breakdown(
             rows, int(config.get("compression", {}).get("update_bits", 32))),
+        "downlink_fp32_model_bytes": fp32_model_bytes(rows),
         "client_rounds": received,
         "aggregated_total": sum(int(r["aggregated"]) for r in rows),
         "stragglers_total": sum(int(r["stragglers"]) for r in rows),

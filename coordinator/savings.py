@@ -15,6 +15,9 @@ so reference - pruning - int8 + encoding + secagg = sent exactly. ``encoding`` h
 counts cannot separate: zlib's gain, framing, and under secure aggregation the masked vector's
 ring elements (⌈log2(2·127·n + 1)⌉ bits each instead of 8). Pruning is credited at float32
 prices and int8 on the values left, so the two never count the same byte twice.
+
+The downlink is compared with the float32 values of the model sent to every selected client
+(:func:`fp32_model_bytes`), a lower bound of plain Flower's downlink.
 """
 
 from __future__ import annotations
@@ -43,6 +46,12 @@ def uplink_breakdown(rows: Sequence[Mapping[str, Any]], update_bits: int) -> dic
             "secagg": secagg, "sent": sent}
 
 
+def fp32_model_bytes(rows: Sequence[Mapping[str, Any]]) -> int:
+    """Σ selected_r · 4 V: the float32 values of the model sent to every selected client, what
+    plain Flower's downlink carries at the least (its framing comes on top)."""
+    return sum(int(r["selected"]) * int(r.get("values_total", 0)) * FP32_BYTES for r in rows)
+
+
 def savings_rows(summary: Mapping[str, Any]) -> list[tuple[str, str]]:
     """(feature, what it did) lines for the end-of-run table, from a summary with an
     ``uplink_breakdown`` (:func:`fleetfl.coordinator.report.build_summary`)."""
@@ -62,6 +71,10 @@ def savings_rows(summary: Mapping[str, Any]) -> list[tuple[str, str]]:
                     f"+{up['secagg']:,d} B ({up['secagg'] / ref:+.0%})"))
     ratio = up["reference"] / up["sent"] if up["sent"] else 0.0
     out.append(("uplink sent", f"{up['sent']:,d} B ({ratio:.1f}x less)"))
+    down, fp32 = summary["downlink_bytes_total"], summary.get("downlink_fp32_model_bytes", 0)
+    if down and fp32:
+        out.append(("downlink (model, masks)", f"{down:,d} B ({fp32 / down:.1f}x less than "
+                                               f"its fp32 values alone)"))
     out.extend(_fleet_rows(summary))
     return out
 

@@ -39,7 +39,10 @@ def test_the_defaults_save_by_pruning_and_int8_and_pay_for_secagg() -> None:
     summary = build_summary(rows, config=config, clients_total=6, wall_time_s=1.0)
     labels = [label for label, _ in savings_rows(summary)]
     assert {"pruning (values not sent)", "int8 updates (1 B a value, not 4)",
-            "secure aggregation (keys, shares)", "uplink sent"} <= set(labels)
+            "secure aggregation (keys, shares)", "uplink sent",
+            "downlink (model, masks)"} <= set(labels)
+    assert summary["downlink_fp32_model_bytes"] == sum(
+        4 * r["selected"] * LOGREG_VALUES for r in rows) > summary["downlink_bytes_total"]
 
 
 def test_a_plain_run_credits_nothing_to_pruning_or_int8() -> None:
