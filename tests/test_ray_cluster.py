@@ -43,12 +43,12 @@ def test_a_simulation_runs_on_two_ray_nodes(tmp_path: Path) -> None:
              "--out", str(out), "--set", f"federation.ray_address='{address}'",
              "--set", "task.name='cluster_task:NodeMarkingDigits'",
              "--set", "task.params.model='logreg'", "--set", f"task.params.marks='{marks}'",
-             "--set", "federation.num_clients=8",
-             "--set", "federation.clients_per_round=6", "--set", "federation.rounds=3"],
+             "--set", "federation.num_clients=6",
+             "--set", "federation.clients_per_round=4", "--set", "federation.rounds=2"],
             env=env, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
         rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-        assert [r["round"] for r in rows] == [1, 2, 3]
+        assert [r["round"] for r in rows] == [1, 2]
         assert all(r["aggregated"] == r["selected"] >= 2 and r["secagg_aborted"] == 0
                    for r in rows)
         trained_on = marks.read_text().split()
