@@ -5,11 +5,13 @@ dir. ``fleetfl simulate --set federation.ray_address=...`` runs the default stac
 pruning, SecAgg+) with its clients spread over both nodes: the task notes each training's Ray
 node, and every round must aggregate its whole cohort. Each ``ray start --block`` runs in its
 own process group, killed at the end (``ray stop`` would stop every Ray on the machine).
+About 1.5 min, so it runs with ``make ray-check`` (CI runs it after ``make test``).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -23,6 +25,8 @@ from fleetfl.client.daemon import free_port
 pytestmark = pytest.mark.e2e
 
 
+@pytest.mark.skipif(os.environ.get("FLEETFL_RAY_CLUSTER") != "1",
+                    reason="set FLEETFL_RAY_CLUSTER=1 (make ray-check) to start two Ray nodes")
 @pytest.mark.skipif(not RAY.exists(), reason="the ray CLI is not installed")
 def test_a_simulation_runs_on_two_ray_nodes(tmp_path: Path) -> None:
     port = free_port()
