@@ -5,7 +5,9 @@ round, int8, pruning, SecAgg+) for ``--rounds`` rounds, on:
 
 * ``local``: the Ray instance ``fleetfl simulate`` starts itself (one node, this machine's CPUs);
 * ``two-nodes``: a head and a second node on 127.0.0.1 (``ray start``, half the CPUs each, the
-  second with its own temp dir), joined with ``federation.ray_address``, as the README says.
+  second with its own temp dir), joined with ``federation.ray_address``, as the README says,
+  the clients' state in Flower's context (no ``FLEETFL_CLIENT_STATE_DIR`` on the nodes);
+* ``two-nodes-shared``: the same with one state directory both nodes share.
 
 Alternated ``--repeats`` times; rounds per minute over rounds 2..R (round 1 includes Ray's and
 the actors' start-up), medians. Both setups share the same 2 cores here, so this measures what
@@ -39,11 +41,14 @@ def rounds_per_minute(rows: list[dict[str, Any]]) -> float:
     return 60.0 * (len(rows) - 1) / seconds
 
 
-def run_two_nodes(rounds: int, out: Path, cpus: int) -> float:
-    """One simulation on a head and a second node of ``cpus`` CPUs each."""
+def run_two_nodes(rounds: int, out: Path, cpus: int, shared_state: Path | None) -> float:
+    """One simulation on a head and a second node of ``cpus`` CPUs each; ``shared_state``:
+    the clients' state directory of both nodes (None: in Flower's context)."""
     port = free_port()
     address = f"127.0.0.1:{port}"
     env = cluster_env([])
+    if shared_state is not None:
+        env["FLEETFL_CLIENT_STATE_DIR"] = str(shared_state)
     head_tmp, node_tmp = Path("/tmp") / f"ray-h{port}", Path("/tmp") / f"ray-n{port}"
     head = start_node(["--head", f"--port={port}", f"--temp-dir={head_tmp}",
                        "--include-dashboard=false"], env, out.with_suffix(".head.log"), cpus)
@@ -70,11 +75,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
     cpus = max(1, (os.cpu_count() or 2) // 2)
-    runs: dict[str, list[float]] = {"local": [], "two-nodes": []}
+    setups = ["local", "two-nodes", "two-nodes-shared"]
+    runs: dict[str, list[float]] = {setup: [] for setup in setups}
     order = []
     with tempfile.TemporaryDirectory() as tmp:
         for rep in range(args.repeats):
-            for setup in ("local", "two-nodes") if rep % 2 == 0 else ("two-nodes", "local"):
+            for setup in setups if rep % 2 == 0 else setups[::-1]:
                 order.append(setup)
                 out = Path(tmp) / f"{setup}-{rep}"
                 if setup == "local":
@@ -82,7 +88,8 @@ def main() -> None:
                                         "output.plot=false"], out)
                     runs[setup].append(rounds_per_minute(rows))
                 else:
-                    runs[setup].append(run_two_nodes(args.rounds, out, cpus))
+                    shared = Path(tmp) / f"state-{rep}" if setup.endswith("shared") else None
+                    runs[setup].append(run_two_nodes(args.rounds, out, cpus, shared))
                 print(setup, runs[setup][-1], file=sys.stderr)
     emit("ray_cluster", {"rounds": args.rounds, "cpus_per_node": cpus, "order": order,
                          "rounds_per_minute": runs,

@@ -10,17 +10,19 @@ import sys
 import time
 from pathlib import Path
 
+from fleetfl.client.daemon import THREAD_VARS
+
 RAY = Path(sys.executable).with_name("ray")
 TESTS = Path(__file__).resolve().parent
 
 
 def cluster_env(pythonpath: list[Path]) -> dict[str, str]:
     """The nodes' environment: the user's task modules on PYTHONPATH, one BLAS thread per
-    worker, and no client state directory (per-node directories are not shared, so a
-    client's state stays in Flower's context: README, "Bigger fleets")."""
+    worker (OMP, MKL, OpenBLAS), and no client state directory (per-node directories are not
+    shared, so a client's state stays in Flower's context: README, "Bigger fleets")."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        [*map(str, pythonpath), os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1",
-        "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"}
+        [*map(str, pythonpath), os.environ.get("PYTHONPATH", "")]),
+        **dict.fromkeys(THREAD_VARS, "1"), "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"}
     env.pop("FLEETFL_CLIENT_STATE_DIR", None)
     return env
 
