@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import statistics
 import sys
 import tempfile
@@ -29,10 +28,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from ray_nodes import cluster_env, start_node, stop_node, wait_for_nodes  # noqa: E402
+from ray_nodes import cluster_env, two_nodes  # noqa: E402
 
 from benchmarks.common import emit, simulate  # noqa: E402
-from fleetfl.client.daemon import free_port  # noqa: E402
 
 
 def rounds_per_minute(rows: list[dict[str, Any]]) -> float:
@@ -44,29 +42,14 @@ def rounds_per_minute(rows: list[dict[str, Any]]) -> float:
 def run_two_nodes(rounds: int, out: Path, cpus: int, shared_state: Path | None) -> float:
     """One simulation on a head and a second node of ``cpus`` CPUs each; ``shared_state``:
     the clients' state directory of both nodes (None: in Flower's context)."""
-    port = free_port()
-    address = f"127.0.0.1:{port}"
     env = cluster_env([])
     if shared_state is not None:
         env["FLEETFL_CLIENT_STATE_DIR"] = str(shared_state)
-    head_tmp, node_tmp = Path("/tmp") / f"ray-h{port}", Path("/tmp") / f"ray-n{port}"
-    head = start_node(["--head", f"--port={port}", f"--temp-dir={head_tmp}",
-                       "--include-dashboard=false"], env, out.with_suffix(".head.log"), cpus)
-    node = None
-    try:
-        wait_for_nodes(address, 1, env, 120)
-        node = start_node([f"--address={address}", f"--temp-dir={node_tmp}"], env,
-                          out.with_suffix(".node.log"), cpus)
-        wait_for_nodes(address, 2, env, 120)
+    out.mkdir(parents=True, exist_ok=True)
+    with two_nodes(env, out, cpus) as address:
         _, rows = simulate([f"federation.rounds={rounds}",
                             f"federation.ray_address='{address}'", "output.plot=false"], out)
-        return rounds_per_minute(rows)
-    finally:
-        for proc in (node, head):
-            if proc is not None:
-                stop_node(proc)
-        for path in (head_tmp, node_tmp):
-            shutil.rmtree(path, ignore_errors=True)
+    return rounds_per_minute(rows)
 
 
 def main() -> None:

@@ -3,14 +3,17 @@ its own process group (``ray stop`` would stop every Ray on the machine)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
-from fleetfl.client.daemon import THREAD_VARS
+from fleetfl.client.daemon import THREAD_VARS, free_port
 
 RAY = Path(sys.executable).with_name("ray")
 TESTS = Path(__file__).resolve().parent
@@ -57,3 +60,27 @@ def stop_node(proc: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(10)
+
+
+@contextlib.contextmanager
+def two_nodes(env: dict[str, str], logs: Path, cpus: int = 1) -> Iterator[str]:
+    """A head and a second node (its own ``cpus`` and temp dir) on 127.0.0.1; yields the
+    head's address and stops both afterwards."""
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    head_tmp, node_tmp = Path("/tmp") / f"ray-h{port}", Path("/tmp") / f"ray-n{port}"
+    head = start_node(["--head", f"--port={port}", f"--temp-dir={head_tmp}",
+                       "--include-dashboard=false"], env, logs / f"head-{port}.log", cpus)
+    node = None
+    try:
+        wait_for_nodes(address, 1, env, 120)
+        node = start_node([f"--address={address}", f"--temp-dir={node_tmp}"], env,
+                          logs / f"node-{port}.log", cpus)
+        wait_for_nodes(address, 2, env, 120)
+        yield address
+    finally:
+        for proc in (node, head):
+            if proc is not None:
+                stop_node(proc)
+        for path in (head_tmp, node_tmp):
+            shutil.rmtree(path, ignore_errors=True)

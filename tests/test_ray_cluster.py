@@ -12,15 +12,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from ray_nodes import RAY, TESTS, cluster_env, start_node, stop_node, wait_for_nodes
-
-from fleetfl.client.daemon import free_port
+from ray_nodes import RAY, TESTS, cluster_env, two_nodes
 
 pytestmark = pytest.mark.e2e
 
@@ -29,18 +26,8 @@ pytestmark = pytest.mark.e2e
                     reason="set FLEETFL_RAY_CLUSTER=1 (make ray-check) to start two Ray nodes")
 @pytest.mark.skipif(not RAY.exists(), reason="the ray CLI is not installed")
 def test_a_simulation_runs_on_two_ray_nodes(tmp_path: Path) -> None:
-    port = free_port()
-    address = f"127.0.0.1:{port}"
     env = cluster_env([TESTS])  # every node imports the user's task: tests/cluster_task.py
-    head_tmp, node_tmp = Path("/tmp") / f"ray-h{port}", Path("/tmp") / f"ray-n{port}"
-    head = start_node(["--head", f"--port={port}", f"--temp-dir={head_tmp}",
-                       "--include-dashboard=false"], env, tmp_path / "head.log")
-    node = None
-    try:
-        wait_for_nodes(address, 1, env, 120)
-        node = start_node([f"--address={address}", f"--temp-dir={node_tmp}"], env,
-                          tmp_path / "node.log")
-        wait_for_nodes(address, 2, env, 120)
+    with two_nodes(env, tmp_path) as address:
         marks, out = tmp_path / "marks.txt", tmp_path / "run"
         proc = subprocess.run(
             [sys.executable, "-m", "fleetfl.coordinator.cli", "simulate", "--no-progress",
@@ -50,17 +37,11 @@ def test_a_simulation_runs_on_two_ray_nodes(tmp_path: Path) -> None:
              "--set", "federation.num_clients=6",
              "--set", "federation.clients_per_round=4", "--set", "federation.rounds=2"],
             env=env, capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-        assert [r["round"] for r in rows] == [1, 2]
-        assert all(r["aggregated"] == r["selected"] >= 2 and r["secagg_aborted"] == 0
-                   for r in rows)
-        trained_on = marks.read_text().split()
-        assert len(set(trained_on)) == 2, trained_on  # clients ran on both nodes
-        assert len(trained_on) == sum(r["received"] for r in rows)
-    finally:
-        for proc_ in (node, head):
-            if proc_ is not None:
-                stop_node(proc_)
-        for path in (head_tmp, node_tmp):
-            shutil.rmtree(path, ignore_errors=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2]
+    assert all(r["aggregated"] == r["selected"] >= 2 and r["secagg_aborted"] == 0
+               for r in rows)
+    trained_on = marks.read_text().split()
+    assert len(set(trained_on)) == 2, trained_on  # clients ran on both nodes
+    assert len(trained_on) == sum(r["received"] for r in rows)

@@ -10,7 +10,7 @@ from fleetfl.coordinator.savings import savings_rows, uplink_breakdown
 from fleetfl.coordinator.server_app import RunOutcome, run_rounds
 
 SMALL = ["task.dataset=digits", "task.model=logreg", "federation.num_clients=6",
-         "federation.clients_per_round=3", "federation.rounds=3", "federation.local_epochs=1",
+         "federation.clients_per_round=3", "federation.rounds=2", "federation.local_epochs=1",
          "fleet.mix={rpi4=1}"]
 LOGREG_VALUES = 64 * 10 + 10  # weight + bias
 LOGREG_PRUNABLE = 64 * 10
@@ -24,8 +24,8 @@ def _rows(overrides: list[str]) -> tuple[list[dict], dict]:
 
 
 def test_the_defaults_save_by_pruning_and_int8_and_pay_for_secagg() -> None:
-    rows, config = _rows([])  # the defaults: int8, 80 % pruning (rounds 1 -> 3 here), SecAgg+
-    assert [r["values_total"] for r in rows] == [LOGREG_VALUES] * 3
+    rows, config = _rows([])  # the defaults: int8, 80 % pruning (rounds 1 -> 2 here), SecAgg+
+    assert [r["values_total"] for r in rows] == [LOGREG_VALUES] * 2
     pruned = [LOGREG_VALUES - r["values_kept"] for r in rows]
     assert pruned == [round(r["sparsity"] * LOGREG_PRUNABLE) for r in rows]
     assert pruned[0] == 0 and pruned[-1] == round(0.8 * LOGREG_PRUNABLE)

@@ -66,7 +66,7 @@ def test_the_full_stack_gives_the_same_model_with_state_on_disk(
     """Defaults (int8 with error feedback, pruning, SecAgg+): the residual, masks and SecAgg+
     secrets round-trip through the store, and the model is the same, bit for bit."""
     overrides = ["task.dataset=digits", "task.model=logreg", "federation.num_clients=6",
-                 "federation.clients_per_round=4", "federation.rounds=3",
+                 "federation.clients_per_round=4", "federation.rounds=2",
                  "federation.local_epochs=1", "fleet.mix={rpi4=1}"]
 
     def run() -> tuple[list[np.ndarray], LoopbackGrid]:
