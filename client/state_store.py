@@ -12,9 +12,11 @@ when the handler returns, so what travels and what the driver keeps is an empty 
 O(cohort) in the workers, none per client in the coordinator. Ray's workers of one machine share
 the directory, which ``fleetfl simulate`` creates per run and removes at the end
 (``FLEETFL_CLIENT_STATE_DIR`` names another, e.g. on a shared file system; ``off`` keeps the
-state in Flower's context). On a multi-node Ray cluster a client sampled on another node
-starts with an empty state there: its error feedback restarts from zero, which costs accuracy
-slightly and nothing else. A real device keeps its context in its own process (and on its disk:
+state in Flower's context). A Ray cluster's nodes keep their own environment: unset there,
+the state stays in Flower's context; one directory that every node shares works as on one
+machine. One directory per node is wrong: a client's next message may run on another node,
+where its SecAgg+ secrets are missing (the round aborts) and its residual is stale. A real
+device keeps its context in its own process (and on its disk:
 :class:`fleetfl.client.runner.ContextStore`), so this is for simulation only.
 """
 
