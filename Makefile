@@ -19,7 +19,7 @@ TORCH_PIN := torch==2.13.0
 TORCH_FIRST := $(if $(filter x86_64,$(ARCH)),$(PIP) install -q $(TORCH_PIN),@true)
 LATEST_VENV := .venv-latest
 
-.PHONY: demo test test-latest lint install install-dev lock check-arch clean pi-check ray-check
+.PHONY: demo test test-latest lint install install-dev lock check-arch clean pi-check ray-check service-check
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -66,6 +66,11 @@ test: install-dev
 # part once the root exists.
 pi-check: install-dev
 	bash scripts/pi_check.sh
+
+# The coordinator service for real: SuperLink, 3 devices over TLS, a device killed, the
+# coordinator crashed and resumed (about 2.5-4 min; CI runs it after `make test`).
+service-check: install-dev
+	FLEETFL_SERVICE_E2E=1 $(PY) -m pytest -q tests/test_service_e2e.py
 
 # A simulation on two Ray nodes started on 127.0.0.1 (about 1.5 min; CI runs it after `make test`).
 ray-check: install-dev
