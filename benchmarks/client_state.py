@@ -28,19 +28,17 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import PLAIN, emit
+from fleetfl.client.state_store import ENV as STATE_ENV
+from fleetfl.client.state_store import OFF
+from fleetfl.devices.memory_stats import rss_bytes
 
-STATE_ENV = "FLEETFL_CLIENT_STATE_DIR"
 
-
-def rss_bytes(pid: int) -> int:
-    """VmRSS of ``pid`` in bytes (0 once it has exited)."""
+def driver_rss(pid: int) -> int:
+    """VmRSS of the driver ``pid`` in bytes (0 once it has exited)."""
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
+        return rss_bytes(pid)
     except OSError:
-        pass
-    return 0
+        return 0
 
 
 def run(where: str, args: argparse.Namespace, out: Path) -> dict[str, Any]:
@@ -48,7 +46,7 @@ def run(where: str, args: argparse.Namespace, out: Path) -> dict[str, Any]:
     env = dict(os.environ)
     env.pop(STATE_ENV, None)
     if where == "context":
-        env[STATE_ENV] = "off"
+        env[STATE_ENV] = OFF
     sets = [*PLAIN, "compression.update_bits=8", f"federation.rounds={args.rounds}",
             f"federation.num_clients={args.clients}",
             f"federation.clients_per_round={args.per_round}", "fleet.mix={rpi5=1}",
@@ -62,7 +60,7 @@ def run(where: str, args: argparse.Namespace, out: Path) -> dict[str, Any]:
     metrics = out / "metrics.jsonl"
     while proc.poll() is None:
         done = len(metrics.read_text().splitlines()) if metrics.is_file() else 0
-        samples.append((done, rss_bytes(proc.pid)))
+        samples.append((done, driver_rss(proc.pid)))
         time.sleep(0.25)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr.read()[-3000:]}")

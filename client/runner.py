@@ -26,7 +26,6 @@ back when the SuperNode, after a restart, hands over an empty state for the same
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -58,6 +57,7 @@ from flwr.supernode.runtime.run_clientapp import (
 )
 
 from fleetfl import __version__
+from fleetfl.client.state_store import write_private
 
 log = logging.getLogger(__name__)
 
@@ -87,11 +87,7 @@ class ContextStore:
         aggregation secrets of the round in flight), and drop other runs' files."""
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         target = self.path(context.run_id)
-        tmp = target.with_name(f".{target.name}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as file:
-            file.write(context_to_proto(context).SerializeToString())
-        os.replace(tmp, target)
+        write_private(target, context_to_proto(context).SerializeToString())
         for old in self.directory.glob("context-*.pb"):
             if old != target:
                 old.unlink(missing_ok=True)

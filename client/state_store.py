@@ -85,8 +85,14 @@ def _write(path: Path, state: RecordDict) -> None:
         path.unlink(missing_ok=True)
         return
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    write_private(path, recorddict_to_proto(state).SerializeToString())
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Replace ``path`` by ``data`` atomically (through a temporary file of this process in
+    the same directory), created 0600: client state holds secrets."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as file:
-        file.write(recorddict_to_proto(state).SerializeToString())
+        file.write(data)
     os.replace(tmp, path)

@@ -75,11 +75,10 @@ DEFAULT_PRUNE_END = 30
 def pruning_schedule(num_rounds: int, start_round: int = 0, end_round: int = 0) -> tuple[int, int]:
     """(t0, t1) of :func:`cubic_sparsity` for a run of ``num_rounds``; a 0 is the default:
     t0 = min(10, ceil(num_rounds / 3)), t1 = min(30, num_rounds), never before t0."""
-    if start_round and end_round:
-        return start_round, end_round
-    if end_round:  # only the end given: the default start, unless that comes after it
-        return min(DEFAULT_PRUNE_START, math.ceil(num_rounds / 3), end_round), end_round
-    start = start_round or min(DEFAULT_PRUNE_START, math.ceil(num_rounds / 3))
+    default_start = min(DEFAULT_PRUNE_START, math.ceil(num_rounds / 3))
+    if end_round:  # the default start never comes after a given end
+        return start_round or min(default_start, end_round), end_round
+    start = start_round or default_start
     return start, max(start, min(DEFAULT_PRUNE_END, num_rounds))
 
 

@@ -38,10 +38,16 @@ from fleetfl.tasks.builtin import BUILTIN_PARAMS
 __all__ = [  # the sections are defined in config_sections; users import them from here
     "MAX_CLIENTS", "MAX_LR", "ROBUST_RULES", "STRATEGY_NAMES", "AggregationConfig",
     "CompressionConfig", "Config", "ConfigError", "FederationConfig", "FleetConfig",
-    "OutputConfig", "SecAggConfig", "StrategyConfig", "TaskConfig", "apply_overrides",
+    "OutputConfig", "PLAIN_OVERRIDES", "SecAggConfig", "StrategyConfig", "TaskConfig",
+    "apply_overrides",
     "describe_keys", "from_dict", "from_run_config", "load_config", "parse_override",
     "to_run_config",
 ]
+
+# The defaults run the full stack (int8, pruning, SecAgg+). These overrides give the plain path,
+# float32 both ways with neither, which tests and benchmarks of one feature start from.
+PLAIN_OVERRIDES = ("compression.update_bits=32", "compression.downlink_bits=32",
+                   "compression.prune_final_sparsity=0", "secagg.enabled=false")
 
 # The task keys before the Task API still work: ``dataset`` is ``name``, the others are keys of
 # ``params``. As before, a key the chosen built-in does not use (alpha on digits) is ignored.

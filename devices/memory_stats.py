@@ -228,16 +228,17 @@ def pin_mmap_threshold(threshold: int = MMAP_THRESHOLD) -> bool:
         return False
 
 
-def _status_bytes(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
+def _status_bytes(field: str, pid: int | str = "self") -> int:
+    path = Path(f"/proc/{pid}/status")
+    for line in path.read_text().splitlines():
         if line.startswith(field + ":"):
             return int(line.split()[1]) * 1024
-    raise OSError(f"/proc/self/status has no {field}")
+    raise OSError(f"{path} has no {field}")
 
 
-def rss_bytes() -> int:
-    """Resident set size of this process now (VmRSS), bytes."""
-    return _status_bytes("VmRSS")
+def rss_bytes(pid: int | str = "self") -> int:
+    """Resident set size (VmRSS) of process ``pid`` now, bytes (default: this process)."""
+    return _status_bytes("VmRSS", pid)
 
 
 def release_free_memory() -> None:

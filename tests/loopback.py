@@ -16,13 +16,13 @@ from flwr.app import Context, Error, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from fleetfl.client.app import app as client_app
+from fleetfl.coordinator.config import PLAIN_OVERRIDES
 
 Tamper = Callable[[Message], Message]
 
-# The defaults run the full stack (int8, pruning, SecAgg+). A test of one path starts from the
-# plain one (float32 both ways, no pruning, no SecAgg+) and turns on what it tests.
-PLAIN = ["compression.update_bits=32", "compression.downlink_bits=32",
-         "compression.prune_final_sparsity=0", "secagg.enabled=false"]
+# A test of one path starts from the plain one (float32 both ways, no pruning, no SecAgg+) and
+# turns on what it tests.
+PLAIN = list(PLAIN_OVERRIDES)
 
 
 class LoopbackGrid:
