@@ -32,7 +32,8 @@ def uplink_breakdown(rows: Sequence[Mapping[str, Any]], update_bits: int) -> dic
     """The uplink's steps in bytes (see the module docstring); 0s for rows that predate
     ``values_total`` (no model size recorded)."""
     per_value = update_bits // 8
-    sent = sum(int(r["uplink_bytes"]) + int(r.get("secagg_uplink_bytes", 0)) for r in rows)
+    secagg = sum(int(r.get("secagg_uplink_bytes", 0)) for r in rows)
+    sent = sum(int(r["uplink_bytes"]) for r in rows) + secagg
     reference = sum(int(r["dense_uplink_bytes"]) for r in rows)
     pruning = int8 = 0
     for r in rows:
@@ -40,7 +41,6 @@ def uplink_breakdown(rows: Sequence[Mapping[str, Any]], update_bits: int) -> dic
             int(r["received"])
         pruning += n * (total - kept) * FP32_BYTES
         int8 += n * kept * (FP32_BYTES - per_value)
-    secagg = sum(int(r.get("secagg_uplink_bytes", 0)) for r in rows)
     encoding = sent - secagg - (reference - pruning - int8)
     return {"reference": reference, "pruning": pruning, "int8": int8, "encoding": encoding,
             "secagg": secagg, "sent": sent}

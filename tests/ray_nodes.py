@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from fleetfl.client.daemon import THREAD_VARS, free_port
+from fleetfl.client.state_store import ENV as STATE_ENV
 
 RAY = Path(sys.executable).with_name("ray")
 TESTS = Path(__file__).resolve().parent
@@ -23,10 +24,10 @@ def cluster_env(pythonpath: list[Path]) -> dict[str, str]:
     """The nodes' environment: the user's task modules on PYTHONPATH, one BLAS thread per
     worker (OMP, MKL, OpenBLAS), and no client state directory (per-node directories are not
     shared, so a client's state stays in Flower's context: README, "Bigger fleets")."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        [*map(str, pythonpath), os.environ.get("PYTHONPATH", "")]),
-        **dict.fromkeys(THREAD_VARS, "1"), "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"}
-    env.pop("FLEETFL_CLIENT_STATE_DIR", None)
+    paths = [*map(str, pythonpath), *filter(None, [os.environ.get("PYTHONPATH")])]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths),
+           **dict.fromkeys(THREAD_VARS, "1"), "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"}
+    env.pop(STATE_ENV, None)
     return env
 
 
