@@ -59,6 +59,7 @@ class TaskConfig:
 
 MAX_CLIENTS = 1_000_000  # simulated clients: each has a device profile and a data split
 MAX_LR = 100.0
+ENGINES = ("local", "ray")
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,10 @@ class FederationConfig:
     local_epochs: int = _f(2, "local epochs E of a full (non-straggler) work plan")
     batch_size: int = _f(10, "local mini-batch size")
     lr: float = _f(0.1, "local SGD learning rate")
+    engine: str = _f("ray", "'local': worker processes on this machine, no Ray; 'ray': "
+                            "Flower's Ray engine, also on a cluster (federation.ray_address)")
+    workers: int = _f(0, "local engine: worker processes, each serving many clients (0: one "
+                         "per CPU core)")
     ray_address: str = _f("", "'' starts a local Ray; 'auto' or 'HOST:PORT' joins a cluster")
     client_cpus: float = _f(1.0, "Ray CPUs reserved per simulated client")
     round_timeout_s: float = _f(600.0, "wall seconds to wait for a round's replies")
@@ -102,6 +107,14 @@ class FederationConfig:
         if self.lr > MAX_LR:
             raise ConfigError("federation.lr", f"{self.lr} would diverge at once "
                                                f"(at most {MAX_LR:g})")
+        if self.engine not in ENGINES:
+            raise ConfigError("federation.engine", f"{self.engine!r} is not one of "
+                                                   f"{', '.join(map(repr, ENGINES))}")
+        if self.engine == "local" and self.ray_address:
+            raise ConfigError("federation.engine", "the local engine runs on this machine; "
+                                                   "to join the Ray cluster at "
+                                                   "federation.ray_address set engine = 'ray'")
+        _at_least("federation.workers", self.workers, 0)
         _positive("federation.client_cpus", self.client_cpus)
         _positive("federation.round_timeout_s", self.round_timeout_s)
         _at_least("federation.evaluate_every", self.evaluate_every, 0)

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from flwr.serverapp import ServerApp
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -98,10 +99,6 @@ def _client_state_dir() -> Iterator[None]:
 def _run(config: Config, out: Path, metrics_path: Path, verbose: bool,
          console: Console) -> dict:
     """The body of :func:`simulate`, once the environment is set."""
-    from flwr.simulation import run_simulation
-
-    from fleetfl.client.app import app as client_app
-
     outcome = RunOutcome()
     started = time.perf_counter()
     progress = Progress(
@@ -109,7 +106,8 @@ def _run(config: Config, out: Path, metrics_path: Path, verbose: bool,
         TextColumn("{task.description}"), console=console, disable=not config.output.progress,
     )
     with progress, _one_driver_thread():
-        bar = progress.add_task("starting Ray…", total=config.federation.rounds)
+        bar = progress.add_task(f"starting the {config.federation.engine} engine…",
+                                total=config.federation.rounds)
 
         def on_round(row: dict[str, Any]) -> None:
             append_row(metrics_path, row)
@@ -119,13 +117,7 @@ def _run(config: Config, out: Path, metrics_path: Path, verbose: bool,
 
         server_app = make_server_app(config, on_round=on_round, outcome=outcome,
                                      checkpoint_path=out / "model.pt")
-        run_simulation(
-            server_app=server_app,
-            client_app=client_app,
-            num_supernodes=config.federation.num_clients,
-            backend_config=backend_config(config, verbose),  # type: ignore[arg-type]
-            verbose_logging=verbose,
-        )
+        _run_engine(config, server_app, verbose)
     if outcome.clients_total == 0:
         raise RuntimeError("no simulated client registered, so nothing was trained; the "
                            "warnings above give each client's error")
@@ -144,6 +136,37 @@ def _run(config: Config, out: Path, metrics_path: Path, verbose: bool,
                  f"{f'({params})' if params else ''}, {config.federation.num_clients} clients")
         plot_report(out / "report.png", outcome.rows, title)
     return summary
+
+
+CLIENT_APP = "fleetfl.client.app:app"
+
+
+def local_workers(config: Config) -> int:
+    """The local engine's worker processes: ``federation.workers``, or one per CPU core this
+    process may use."""
+    return config.federation.workers or max(1, len(os.sched_getaffinity(0)))
+
+
+def _run_engine(config: Config, server_app: ServerApp, verbose: bool) -> None:
+    """Run ``server_app`` over the simulated fleet on the configured engine."""
+    fed = config.federation
+    if fed.engine == "local":
+        from fleetfl.coordinator.local_engine import run_local
+
+        run_local(server_app, CLIENT_APP, fed.num_clients, local_workers(config),
+                  threads=max(1, math.floor(fed.client_cpus)))
+        return
+    from flwr.simulation import run_simulation
+
+    from fleetfl.client.app import app as client_app
+
+    run_simulation(
+        server_app=server_app,
+        client_app=client_app,
+        num_supernodes=fed.num_clients,
+        backend_config=backend_config(config, verbose),  # type: ignore[arg-type]
+        verbose_logging=verbose,
+    )
 
 
 @contextlib.contextmanager

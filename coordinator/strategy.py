@@ -273,6 +273,9 @@ class FleetFedProx(FedProx):
             self.transport.forget(node)
         stats.round_time_s = round_time_s(waited, self.settings.deadline_s)
         stats.aggregated = len(kept)
+        # Fleet-index order, not arrival order: float sums (weights, losses) then give the
+        # same bits on every run and engine, whichever client happened to answer first.
+        kept.sort(key=lambda r: self._cohort[r.node].index)
         mean_delta = self._combine(kept, stats) if kept else None
         self.transport.end_round()  # after _combine: secure aggregation sums the tail counts
         if mean_delta is None:

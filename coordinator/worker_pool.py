@@ -1,0 +1,132 @@
+"""Worker processes that run a ClientApp on Flower Messages, many virtual clients each.
+
+Each worker is a process started once per simulation (``spawn``: nothing of the driver's
+threads or locks is inherited). It imports the ClientApp named by ``module:attribute`` once and
+then serves batches of ``(Message, Context)`` pairs, so torch, the task's data and the model
+code are loaded once per worker and not once per client or message. A batch is one pickle over
+a pipe each way: for B messages of a cohort the fixed cost of a dispatch is paid once, not B
+times (:func:`split_batches`).
+
+What comes back for each message is the ClientApp's reply, or an error reply (Flower's
+``Error`` with ``CLIENT_APP_RAISED_EXCEPTION``) when the app raised: the coordinator sees a
+failing client exactly as on Flower's Ray engine. If a worker process dies (a segfault, the
+kernel's OOM killer), every message of its batch gets an error reply and the pool is rebuilt
+for the next dispatch; the round goes on with the other clients.
+
+Stdlib only (``concurrent.futures.ProcessPoolExecutor``): checked against Ray (what Flower's
+engine uses; a scheduler, an object store and ~1 s of per-run start-up a single machine does
+not need) and ``multiprocessing.Pool`` (no recovery from a dead worker).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import importlib
+import logging
+import math
+import multiprocessing
+import os
+from collections.abc import Sequence
+
+from flwr.app import Context, Message
+from flwr.app.error import Error
+from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
+
+log = logging.getLogger(__name__)
+
+Job = tuple[Message, Context]
+MAX_BATCH = 16  # messages per dispatch: bounds a batch's pickles (16 x a model) in flight
+
+_app: ClientApp | None = None  # the worker process's ClientApp (set by _start_worker)
+
+
+def load_app(ref: str) -> ClientApp:
+    """The ``ClientApp`` at ``module:attribute`` (``ValueError`` for anything else)."""
+    module, _, attr = ref.partition(":")
+    if not module or not attr:
+        raise ValueError(f"a ClientApp reference is 'module:attribute', got {ref!r}")
+    app = getattr(importlib.import_module(module), attr, None)
+    if not isinstance(app, ClientApp):
+        raise ValueError(f"{ref} is not a flwr ClientApp (got {type(app).__name__})")
+    return app
+
+
+def _start_worker(ref: str, threads: int) -> None:
+    """Worker initializer: one torch/BLAS thread count, then import the app once."""
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[var] = str(threads)
+    global _app
+    _app = load_app(ref)
+    try:
+        import torch
+
+        torch.set_num_threads(threads)
+    except ImportError:  # a ClientApp without torch
+        pass
+
+
+def run_batch(jobs: Sequence[Job]) -> list[tuple[Message, Context]]:
+    """In a worker: the reply to each message and the node's context afterwards, in order."""
+    assert _app is not None, "the worker was not initialized"
+    out = []
+    for message, context in jobs:
+        try:
+            reply = _app(message, context)
+        except Exception as err:  # noqa: BLE001 - one client's failure is its error reply
+            reply = error_reply(message, f"{type(err).__name__}: {err}")
+        out.append((reply, context))
+    return out
+
+
+def error_reply(message: Message, reason: str,
+                code: int = ErrorCode.CLIENT_APP_RAISED_EXCEPTION) -> Message:
+    """The error reply Flower's engine sends for a ClientApp that raised."""
+    return Message(Error(code=code, reason=reason), reply_to=message)
+
+
+def split_batches(jobs: Sequence[Job], workers: int,
+                  max_batch: int = MAX_BATCH) -> list[list[Job]]:
+    """``jobs`` cut into consecutive batches: about four per worker (so that a fast worker
+    takes more of the cohort) and at most ``max_batch`` messages each."""
+    if not jobs:
+        return []
+    size = max(1, min(max_batch, math.ceil(len(jobs) / (4 * max(1, workers)))))
+    return [list(jobs[i:i + size]) for i in range(0, len(jobs), size)]
+
+
+class WorkerPool:
+    """``workers`` processes running the ClientApp ``app_ref`` (``module:attribute``)."""
+
+    def __init__(self, app_ref: str, workers: int, threads: int = 1) -> None:
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
+        load_app(app_ref)  # a wrong reference fails here, in the driver, with its reason
+        self.app_ref, self.workers, self.threads = app_ref, workers, threads
+        self._executor: cf.ProcessPoolExecutor | None = None
+
+    def _pool(self) -> cf.ProcessPoolExecutor:
+        if self._executor is None:
+            self._executor = cf.ProcessPoolExecutor(
+                max_workers=self.workers, mp_context=multiprocessing.get_context("spawn"),
+                initializer=_start_worker, initargs=(self.app_ref, self.threads))
+        return self._executor
+
+    def submit(self, batch: Sequence[Job]) -> cf.Future:
+        """Run ``batch`` on a worker; the future's result is :func:`run_batch`'s."""
+        try:
+            return self._pool().submit(run_batch, list(batch))
+        except cf.process.BrokenProcessPool:
+            self.restart()
+            return self._pool().submit(run_batch, list(batch))
+
+    def restart(self) -> None:
+        """Drop a broken pool; the next :meth:`submit` starts fresh workers."""
+        log.warning("a simulation worker process died; starting a new pool")
+        self.close(wait=False)
+
+    def close(self, wait: bool = True) -> None:
+        """Stop the workers (``wait``: let running batches finish first)."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=wait, cancel_futures=True)
+            self._executor = None
