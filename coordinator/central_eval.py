@@ -35,6 +35,7 @@ class EvaluationSets:
     input_dtype: str  # numpy dtype name of the model's input (float32, or token ids)
     test: Split | None
     train: Split | None  # simulation only: the union of the clients' training splits
+    sizes: tuple[int, ...] | None = None  # simulation only: each client's training examples
 
     def evaluate(self, task: Task, model: nn.Module) -> dict[str, Any]:
         """Row fields of the central evaluation: ``accuracy``, ``loss``, ``train_loss``, the
@@ -64,7 +65,7 @@ def evaluation_sets(config: Config, task: Task, model: nn.Module,
         example = data.clients[0][0].x[:2]
         check_task(config, task, model, example)
         return EvaluationSets(data.input_shape, data.num_classes, str(example.dtype), data.test,
-                              data.train_union())
+                              data.train_union(), tuple(len(tr.y) for tr, _ in data.clients))
     test = task.central_test()
     shape = task.input_shape or (tuple(test.x.shape[1:]) if test is not None else None)
     classes = task.num_classes or (int(test.y.max()) + 1 if test is not None else None)

@@ -15,14 +15,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
+from fleetfl.coordinator.population import NO_RUNTIME, Population
 from fleetfl.coordinator.registry import ClientInfo
 from fleetfl.devices.clock import transfer_time_s
-from fleetfl.devices.fleet import available_clients
+from fleetfl.devices.fleet import online_mask
 from fleetfl.devices.memory_planner import (
     DEFAULT_RUNTIME_BYTES,
     MemoryBreakdown,
@@ -63,10 +64,12 @@ class PlanSettings:
 
 @dataclass(frozen=True)
 class Cohort:
-    """One round's draw: the clients selected, and the online ones left out for memory."""
+    """One round's draw: the clients selected, and how many online ones were left out for
+    memory (with one of them and the reason, for the log)."""
 
     members: list[ClientInfo]
-    unfit: list[tuple[ClientInfo, str]]  # (client, why no memory plan fits its device)
+    unfit_count: int = 0
+    unfit_example: tuple[ClientInfo, str] | None = None  # (client, why no memory plan fits)
 
 
 _SELECTION, _STRAGGLERS = 0, 1  # independent random streams of one round
@@ -97,23 +100,42 @@ def _fit(stats: TrainingMemoryStats, batch: int, budget: int, reserved: int) -> 
 
 
 def draw_cohort(
-    clients: Sequence[ClientInfo], server_round: int, settings: PlanSettings
+    clients: Population | Sequence[ClientInfo], server_round: int, settings: PlanSettings
 ) -> Cohort:
     """Sample up to ``clients_per_round`` clients among those online this round whose device
-    can fit a memory plan; the online clients that cannot are listed with the reason."""
-    online = (available_clients([c.device for c in clients], server_round, settings.seed)
-              if settings.simulated_availability else list(range(len(clients))))
-    unfit, eligible = [], []
-    for i in online:
-        plan = memory_plan(clients[i], settings)
-        if plan is not None and not plan.fits:
-            unfit.append((clients[i], plan.reason))
-        else:
-            eligible.append(i)
+    can fit a memory plan; count the online clients that cannot.
+
+    Vectorized over the population: one availability draw per member, one memory plan per
+    distinct (device, batch, reserve), and :class:`ClientInfo` objects only for the cohort.
+    """
+    pop = clients if isinstance(clients, Population) else Population.of_clients(clients)
+    online = (online_mask(pop.availability(), server_round, settings.seed)
+              if settings.simulated_availability else np.ones(len(pop), dtype=bool))
+    fits, why = _fitting(pop, settings)
+    eligible = np.flatnonzero(online & fits)
+    unfit = np.flatnonzero(online & ~fits)
     k = min(settings.clients_per_round, len(eligible))
     rng = round_rng(settings.seed, server_round, _SELECTION)
     picks = rng.choice(eligible, size=k, replace=False)
-    return Cohort([clients[i] for i in sorted(int(p) for p in picks)], unfit)
+    example = (pop.client(int(unfit[0])), why(int(unfit[0]))) if len(unfit) else None
+    return Cohort([pop.client(int(i)) for i in np.sort(picks)], len(unfit), example)
+
+
+def _fitting(pop: Population, settings: PlanSettings) -> tuple[np.ndarray, Callable[[int], str]]:
+    """Whether each member's device fits a memory plan (all True without memory planning),
+    and a function giving why member ``i``'s does not."""
+    memory = settings.memory
+    if memory is None or len(pop) == 0:
+        return np.ones(len(pop), dtype=bool), lambda i: ""
+    budgets = np.array([memory_budget_bytes(p, memory.budget_fraction) for p in pop.profiles],
+                       dtype=np.int64)[pop.profile_of]
+    batch = np.minimum(settings.batch_size, pop.num_examples)
+    reserve = np.where(pop.runtime_bytes == NO_RUNTIME, memory.runtime_bytes, pop.runtime_bytes)
+    cases, inverse = np.unique(np.stack([batch, budgets, reserve]), axis=1, return_inverse=True)
+    inverse = inverse.ravel()
+    plans = [_fit(memory.stats, int(b), int(m), int(r)) for b, m, r in cases.T]
+    fits = np.array([p.fits for p in plans], dtype=bool)[inverse]
+    return fits, lambda i: plans[int(inverse[i])].reason
 
 
 def select_cohort(

@@ -15,12 +15,16 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from fleetfl import protocol as P
 from fleetfl.devices.profiles import DeviceProfile
+
+if TYPE_CHECKING:
+    from fleetfl.coordinator.population import Population
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +60,18 @@ class FleetRegistry:
     def clients(self) -> list[ClientInfo]:
         """Registered clients, ordered by fleet index."""
         return sorted(self._clients.values(), key=lambda c: c.index)
+
+    @property
+    def size(self) -> int:
+        """Registered clients."""
+        return len(self._clients)
+
+    @property
+    def population(self) -> Population:
+        """The registered clients as a :class:`Population`, in fleet-index order."""
+        from fleetfl.coordinator.population import Population
+
+        return Population.of_clients(self.clients)
 
     def wait_for(self, grid: Grid, min_clients: int, wait_s: float, poll_s: float = 0.25,
                  clock: Callable[[], float] = time.monotonic) -> None:

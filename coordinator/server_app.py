@@ -35,6 +35,7 @@ from fleetfl.coordinator.config import Config, from_run_config, to_run_config
 from fleetfl.coordinator.fed_eval import federated_evaluation
 from fleetfl.coordinator.grid import fast_polling
 from fleetfl.coordinator.planning import MemorySettings, PlanSettings
+from fleetfl.coordinator.population import SimulatedFleet
 from fleetfl.coordinator.registry import FleetRegistry
 from fleetfl.coordinator.state import RoundState, RoundStore
 from fleetfl.coordinator.strategy import FleetFedProx
@@ -88,8 +89,7 @@ def run_rounds(grid: Grid, config: Config, outcome: RunOutcome,
     sets = evaluation_sets(config, task, model, deployed)
     input_shape, num_classes = sets.input_shape, sets.num_classes
     shared = message_config(config)
-    registry = FleetRegistry(shared, timeout_s=fed.round_timeout_s,
-                             max_examples=fed.max_examples_per_client)
+    registry = _fleet(config, shared, sets.sizes, deployed)
     memory_stats = model_memory_stats(model, input_shape, sets.input_dtype,
                                       qat=config.compression.qat)
     settings = PlanSettings(
@@ -166,7 +166,7 @@ def run_rounds(grid: Grid, config: Config, outcome: RunOutcome,
         row.update(simulated_time_s=clock.now_s, wall_time_s=time.perf_counter() - started)
         outcome.rows.append(row)
         outcome.final_arrays = arrays
-        outcome.clients_total = len(registry.clients)
+        outcome.clients_total = registry.size
         state = RoundState(
             server_round=server_round, arrays=dict(zip(arrays.keys(), arrays.to_numpy_ndarrays(),
                                                        strict=True)),
@@ -193,6 +193,21 @@ def run_rounds(grid: Grid, config: Config, outcome: RunOutcome,
             {**shared, P.MEMORY_STATS: json.dumps(memory_stats.to_dict(), separators=(",", ":"))}),
         evaluate_fn=evaluate_fn,
     )
+
+
+def _fleet(config: Config, shared: ConfigRecord, sizes: tuple[int, ...] | None,
+           deployed: bool) -> FleetRegistry | SimulatedFleet:
+    """Who can be sampled: the nodes that register (deployed, or Flower's Ray engine), or, on
+    the local engine, the simulated population derived from the config with no messages."""
+    fed = config.federation
+    if deployed or fed.engine != "local" or sizes is None:
+        return FleetRegistry(shared, timeout_s=fed.round_timeout_s,
+                             max_examples=fed.max_examples_per_client)
+    from fleetfl.coordinator.local_engine import node_id_of
+    from fleetfl.devices.fleet import fleet_kinds
+
+    profiles, kind = fleet_kinds(fed.num_clients, config.fleet.mix, config.fleet.seed)
+    return SimulatedFleet(profiles, kind, sizes, node_id_of, fed.max_examples_per_client)
 
 
 def model_memory_stats(model: torch.nn.Module, input_shape: tuple[int, ...],

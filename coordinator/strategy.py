@@ -43,6 +43,7 @@ from fleetfl.aggregation.combine import Combined, RobustRule
 from fleetfl.aggregation.int8_mean import update_weights
 from fleetfl.aggregation.server_opt import ServerOptimizer, apply_step
 from fleetfl.coordinator.planning import PlanSettings, draw_cohort, plan_cohort, probe_plan
+from fleetfl.coordinator.population import SimulatedFleet
 from fleetfl.coordinator.registry import ClientInfo, FleetRegistry
 from fleetfl.coordinator.transport import ModelTransport
 from fleetfl.devices.clock import client_round_time_s, round_time_s
@@ -107,7 +108,7 @@ class FleetFedProx(FedProx):
     def __init__(
         self,
         *,
-        registry: FleetRegistry,
+        registry: FleetRegistry | SimulatedFleet,
         transport: ModelTransport,
         settings: PlanSettings,
         proximal_mu: float,
@@ -159,12 +160,12 @@ class FleetFedProx(FedProx):
         self.transport.begin_round(server_round, self._base)  # prunes _base in place
         config[P.CLIP] = self.transport.clip
         self._dense_reply_bytes = _plain_flower_reply_bytes(arrays)
-        drawn = draw_cohort(self.registry.clients, server_round, self.settings)
+        drawn = draw_cohort(self.registry.population, server_round, self.settings)
         cohort = drawn.members
-        if drawn.unfit:
+        if drawn.unfit_example is not None:
+            client, why = drawn.unfit_example
             log.info("round %d: %d online client(s) left out, no memory plan fits (client %d: "
-                     "%s)", server_round, len(drawn.unfit), drawn.unfit[0][0].index,
-                     drawn.unfit[0][1])
+                     "%s)", server_round, drawn.unfit_count, client.index, why)
         self._plans = plan_cohort(
             cohort,
             server_round,
@@ -177,7 +178,7 @@ class FleetFedProx(FedProx):
         stats = RoundStats(server_round, selected=len(cohort), sparsity=self.transport.sparsity,
                            values_total=self.transport.total_count,
                            values_kept=self.transport.kept_count,
-                           clip=self.transport.clip, unfit=len(drawn.unfit))
+                           clip=self.transport.clip, unfit=drawn.unfit_count)
         stats.stragglers = sum(p.straggler for p in self._plans.values())
         messages = []
         # ω_k = n_k |C| / Σ n_j: the int8 average becomes a sum of integers (P.UPDATE_WEIGHT).

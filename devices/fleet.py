@@ -84,12 +84,21 @@ def build_fleet(num_clients: int, mix: Mapping[str, float], seed: int) -> list[D
     Counts follow ``mix_counts``; the assignment is then shuffled with a generator seeded by
     ``seed``, so the same arguments always give the same fleet, whatever the mix's key order.
     """
+    profiles, kind = fleet_kinds(num_clients, mix, seed)
+    return [profiles[k] for k in kind]
+
+
+def fleet_kinds(num_clients: int, mix: Mapping[str, float],
+                seed: int) -> tuple[tuple[DeviceProfile, ...], np.ndarray]:
+    """:func:`build_fleet` as arrays: the mix's profiles, and for each client the position of
+    its profile among them (``uint16``: two bytes a client, for populations of 100,000s)."""
     seed = check_int("seed", seed, minimum=0)  # SeedSequence needs non-negative integers
     counts = mix_counts(num_clients, mix)
-    assignment = [name for name, count in counts.items() for _ in range(count)]
+    profiles = tuple(CATALOG[name] for name in counts)
+    assignment = np.repeat(np.arange(len(profiles), dtype=np.uint16), list(counts.values()))
     rng = np.random.default_rng(np.random.SeedSequence([seed, _FLEET_STREAM]))
     order = rng.permutation(num_clients)
-    return [CATALOG[assignment[j]] for j in order]
+    return profiles, assignment[order]
 
 
 def available_clients(fleet: Sequence[DeviceProfile], server_round: int, seed: int) -> list[int]:
@@ -99,9 +108,14 @@ def available_clients(fleet: Sequence[DeviceProfile], server_round: int, seed: i
     are seeded by ``(seed, server_round)`` and client ``i`` always uses the ``i``-th draw, so a
     re-run gives the same clients and growing the fleet does not change existing clients' luck.
     """
+    probs = np.array([p.availability for p in fleet], dtype=float)
+    return [int(i) for i in np.flatnonzero(online_mask(probs, server_round, seed))]
+
+
+def online_mask(availability: np.ndarray, server_round: int, seed: int) -> np.ndarray:
+    """:func:`available_clients` as a boolean mask: client ``i`` is online with probability
+    ``availability[i]``, from the ``i``-th draw of the round's generator."""
     seed = check_int("seed", seed, minimum=0)
     server_round = check_int("server_round", server_round, minimum=0)
     rng = np.random.default_rng(np.random.SeedSequence([seed, _AVAILABILITY_STREAM, server_round]))
-    draws = rng.random(len(fleet))
-    probs = np.array([p.availability for p in fleet], dtype=float)
-    return [int(i) for i in np.flatnonzero(draws < probs)]
+    return rng.random(len(availability)) < availability
