@@ -27,8 +27,10 @@ from benchmarks.common import PLAIN, emit, simulate
 NUM_CLIENTS, PER_ROUND, EPOCHS, BATCH, LR = 20, 10, 2, 10, 0.1
 
 
-def run_flower(rounds: int) -> list[float]:
-    """Plain Flower FedAvg; returns the wall time at the end of each round (seconds)."""
+def run_flower(rounds: int, num_clients: int = NUM_CLIENTS,
+               per_round: int = PER_ROUND) -> list[float]:
+    """Plain Flower FedAvg; returns the wall time at the end of each round (seconds), from the
+    round-0 evaluation."""
     import logging
 
     import torch
@@ -46,7 +48,7 @@ def run_flower(rounds: int) -> list[float]:
     logging.getLogger("flwr").setLevel(logging.ERROR)
 
     def data():
-        return load_federated("digits", num_clients=NUM_CLIENTS, seed=0, partition_alpha=0.5)
+        return load_federated("digits", num_clients=num_clients, seed=0, partition_alpha=0.5)
 
     client = ClientApp()
 
@@ -85,12 +87,12 @@ def run_flower(rounds: int) -> list[float]:
             marks.append(time.perf_counter())
             return MetricRecord({"accuracy": acc, "loss": loss})
 
-        strategy = FedAvg(fraction_train=PER_ROUND / NUM_CLIENTS, fraction_evaluate=0.0,
-                          min_train_nodes=PER_ROUND, min_available_nodes=NUM_CLIENTS)
+        strategy = FedAvg(fraction_train=per_round / num_clients, fraction_evaluate=0.0,
+                          min_train_nodes=per_round, min_available_nodes=num_clients)
         strategy.start(grid, ArrayRecord(model.state_dict()), num_rounds=rounds,
                        train_config=ConfigRecord(), evaluate_fn=central)
 
-    run_simulation(server_app=server, client_app=client, num_supernodes=NUM_CLIENTS,
+    run_simulation(server_app=server, client_app=client, num_supernodes=num_clients,
                    backend_config={"client_resources": {"num_cpus": 1.0, "num_gpus": 0.0},
                                    "init_args": {"logging_level": logging.ERROR}})
     return [m - marks[0] for m in marks[1:]]  # marks[0] is the round-0 evaluation
@@ -118,10 +120,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--one", choices=["flower"], help=argparse.SUPPRESS)
+    parser.add_argument("--clients", type=int, default=NUM_CLIENTS, help=argparse.SUPPRESS)
+    parser.add_argument("--per-round", type=int, default=PER_ROUND, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=Path("runs/bench/overhead"))
     args = parser.parse_args()
     if args.one == "flower":
-        print(json.dumps(run_flower(args.rounds)))
+        print(json.dumps(run_flower(args.rounds, args.clients, args.per_round)))
         return
     runs: dict[str, list[float]] = {"flower": [], "fleetfl": []}
     order: list[str] = []

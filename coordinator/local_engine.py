@@ -24,6 +24,7 @@ timeout, which is then dropped.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import logging
 import threading
 import time
@@ -197,23 +198,31 @@ class LocalGrid(Grid):
             yield reply
 
 
-def run_local(server_app: ServerApp, client_app_ref: str, num_nodes: int, workers: int,
-              threads: int = 1) -> Context:
-    """Run ``server_app`` over ``num_nodes`` virtual clients of ``client_app_ref``
-    (``module:attribute``) in ``workers`` processes of ``threads`` torch threads each;
-    return the ServerApp's context when it finishes. The workers stop on return or error."""
-    from flwr.server.run_serverapp import run as run_serverapp
-
+@contextlib.contextmanager
+def local_grid(client_app_ref: str, num_nodes: int, workers: int,
+               threads: int = 1) -> Iterator[LocalGrid]:
+    """A :class:`LocalGrid` over ``num_nodes`` virtual clients of ``client_app_ref``
+    (``module:attribute``) in ``workers`` processes of ``threads`` torch threads each, for a
+    new run; the workers stop when the block exits."""
     run_id = generate_rand_int_from_bytes(RUN_ID_NUM_BYTES)
     run = Run.create_empty(run_id=run_id)
     run.primary_task_id = 1
     # Flower's Message() reads the sender's identity from here (run_simulation does the same).
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, run_id, SUPERLINK_NODE_ID
     pool = WorkerPool(client_app_ref, workers, threads)
-    context = Context(run_id=run_id, node_id=0, node_config={}, state=RecordDict(),
-                      run_config={})
     try:
-        return run_serverapp(grid=LocalGrid(pool, num_nodes, run), context=context,
-                             server_app_dir="", loaded_server_app=server_app)
+        yield LocalGrid(pool, num_nodes, run)
     finally:
         pool.close(wait=False)
+
+
+def run_local(server_app: ServerApp, client_app_ref: str, num_nodes: int, workers: int,
+              threads: int = 1) -> Context:
+    """Run ``server_app`` on a :func:`local_grid`; the ServerApp's context when it ends."""
+    from flwr.server.run_serverapp import run as run_serverapp
+
+    with local_grid(client_app_ref, num_nodes, workers, threads) as grid:
+        context = Context(run_id=grid.run.run_id, node_id=0, node_config={},
+                          state=RecordDict(), run_config={})
+        return run_serverapp(grid=grid, context=context, server_app_dir="",
+                             loaded_server_app=server_app)

@@ -2,9 +2,9 @@
 
 Cohort selection (:func:`fleetfl.coordinator.planning.draw_cohort`) reads a device's
 availability, memory budget and data size for every member of the population each round. Held
-as :class:`ClientInfo` objects that is ~1 KB and a registration message per device; held as
-arrays it is ~26 bytes per device (node id, fleet index, profile, examples, runtime), and a
-:class:`ClientInfo` is made only for the devices a round selects.
+as :class:`ClientInfo` objects that is a Python object and a registration message per device;
+held as arrays it is 36 bytes per device (node id, fleet index, profile, examples, runtime),
+and a :class:`ClientInfo` is made only for the devices a round selects.
 
 Two sources:
 
@@ -36,7 +36,7 @@ class Population:
     """N devices: ``node_ids[i]``, ``indices[i]`` (fleet index), ``profiles[profile_of[i]]``,
     ``num_examples[i]``, ``runtime_bytes[i]`` (bytes, or :data:`NO_RUNTIME`)."""
 
-    node_ids: np.ndarray  # int64
+    node_ids: np.ndarray  # uint64 (Flower node ids are 64-bit unsigned)
     indices: np.ndarray  # int64
     profiles: tuple[DeviceProfile, ...]
     profile_of: np.ndarray  # int32 positions in profiles
@@ -63,7 +63,7 @@ class Population:
         profiles: dict[DeviceProfile, int] = {}
         kind = [profiles.setdefault(c.device, len(profiles)) for c in clients]
         return cls(
-            node_ids=np.array([c.node_id for c in clients], dtype=np.int64),
+            node_ids=np.array([c.node_id for c in clients], dtype=np.uint64),
             indices=np.array([c.index for c in clients], dtype=np.int64),
             profiles=tuple(profiles), profile_of=np.array(kind, dtype=np.int32),
             num_examples=np.array([c.num_examples for c in clients], dtype=np.int64),
@@ -87,7 +87,7 @@ class SimulatedFleet:
             raise ValueError(f"{len(kind)} devices but {len(sizes)} data partitions")
         n = len(kind)
         self.population = Population(
-            node_ids=np.array([node_id_of(i) for i in range(n)], dtype=np.int64),
+            node_ids=np.array([node_id_of(i) for i in range(n)], dtype=np.uint64),
             indices=np.arange(n, dtype=np.int64), profiles=profiles,
             profile_of=np.asarray(kind, dtype=np.int32),
             num_examples=np.minimum(np.asarray(sizes, dtype=np.int64), max_examples),
