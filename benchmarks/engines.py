@@ -3,15 +3,17 @@ cohort size, for fleetfl on its local engine, fleetfl on Flower's Ray engine, an
 (FedAvg with a textbook ClientApp, on Ray: ``benchmarks.flower_overhead``), with the driver's and
 the whole process tree's peak RSS.
 
-Every run is a fresh process on the digits CNN (Dirichlet 0.5 shards, 2 local epochs of batch
-10), an always-on fleet of one device kind, central evaluation after each round. fleetfl runs
-the plain path (float32 both ways, no pruning, no SecAgg+) unless ``--full`` (the defaults:
-int8 both ways, 80 % pruning, SecAgg+, memory plans); plain Flower is always plain FedAvg.
-Stacks alternate in order from one cohort to the next. A steady round is the median over
-rounds 2..R; "round 1" is from the start of the ServerApp's first round (engine start-up,
-registration and the first dispatch included); "process" is the whole command.
+Every run is a fresh process on the digits CNN (``--partitions`` Dirichlet 0.5 shards, client
+i on shard i mod P: ``federation.data_partitions``; 2 local epochs of batch 10), an always-on
+fleet of one device kind, central evaluation after each round. fleetfl runs the plain path
+(float32 both ways, no pruning, no SecAgg+) unless ``--full`` (the defaults: int8 both ways,
+80 % pruning, SecAgg+, memory plans); plain Flower is always plain FedAvg. Stacks alternate in
+order from one cohort to the next. A steady round is the median over rounds 2..R; "round 1"
+is from the start of the ServerApp's first round (engine start-up, registration and the first
+dispatch included); "process" is the whole command.
 
-    python -m benchmarks.engines [--population 250] [--cohorts 50 100 250] [--rounds 8] [--full]
+    python -m benchmarks.engines [--population 1000] [--partitions 100] [--cohorts 50 100 250]
+        [--rounds 8] [--full]
 """
 
 from __future__ import annotations
@@ -77,13 +79,14 @@ def run_sampled(cmd: list[str], cwd: Path) -> tuple[str, dict[str, float]]:
     return stdout, peak
 
 
-def run_fleetfl(engine: str, population: int, cohort: int, rounds: int, full: bool,
-                out: Path) -> dict[str, Any]:
+def run_fleetfl(engine: str, population: int, partitions: int, cohort: int, rounds: int,
+                full: bool, out: Path) -> dict[str, Any]:
     """``fleetfl simulate`` on ``engine``; round times (s) and peaks."""
     out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     sets = [*([] if full else PLAIN), f"federation.engine={engine}",
             f"federation.rounds={rounds}", f"federation.num_clients={population}",
+            f"federation.data_partitions={partitions}",
             f"federation.clients_per_round={cohort}", "federation.local_epochs=2",
             "federation.batch_size=10", "fleet.mix={rpi5=1}", "output.plot=false"]
     cmd = [sys.executable, "-m", "fleetfl.coordinator.cli", "simulate", "--no-progress",
@@ -100,10 +103,11 @@ def run_fleetfl(engine: str, population: int, cohort: int, rounds: int, full: bo
                     accuracy=rows[-1]["accuracy"], aggregated=rows[-1]["aggregated"])
 
 
-def run_flower(population: int, cohort: int, rounds: int) -> dict[str, Any]:
+def run_flower(population: int, partitions: int, cohort: int, rounds: int) -> dict[str, Any]:
     """Plain Flower FedAvg on Ray; round times (s) and peaks."""
     cmd = [sys.executable, "-m", "benchmarks.flower_overhead", "--one", "flower", "--rounds",
-           str(rounds), "--clients", str(population), "--per-round", str(cohort)]
+           str(rounds), "--clients", str(population), "--per-round", str(cohort),
+           "--partitions", str(partitions)]
     started = time.perf_counter()
     stdout, peak = run_sampled(cmd, Path.cwd())
     process_s = time.perf_counter() - started
@@ -122,7 +126,9 @@ def _figures(walls: list[float], trained: list[int], process_s: float,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--population", type=int, default=250)
+    parser.add_argument("--population", type=int, default=1000)
+    parser.add_argument("--partitions", type=int, default=100,
+                        help="data partitions (digits can make ~250): client i trains on i mod P")
     parser.add_argument("--cohorts", type=int, nargs="+", default=[50, 100, 250])
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--stacks", nargs="+", choices=STACKS, default=list(STACKS))
@@ -138,12 +144,13 @@ def main() -> None:
             key = f"{stack}/{cohort}"
             order.append(key)
             print(f"running {key} ...", file=sys.stderr, flush=True)
-            results[key] = (run_flower(args.population, cohort, args.rounds)
+            results[key] = (run_flower(args.population, args.partitions, cohort, args.rounds)
                             if stack == "flower" else
-                            run_fleetfl(stack, args.population, cohort, args.rounds, args.full,
-                                        args.out / key.replace("/", "-")))
+                            run_fleetfl(stack, args.population, args.partitions, cohort,
+                                        args.rounds, args.full, args.out / key.replace("/", "-")))
     name = "engines" + (f"_{args.label}" if args.label else "") + ("_full" if args.full else "")
-    emit(name, {"population": args.population, "cohorts": args.cohorts, "rounds": args.rounds,
+    emit(name, {"population": args.population, "partitions": args.partitions,
+                "cohorts": args.cohorts, "rounds": args.rounds,
                 "full_stack": args.full, "order": order, "runs": results})
 
 

@@ -27,10 +27,12 @@ from benchmarks.common import PLAIN, emit, simulate
 NUM_CLIENTS, PER_ROUND, EPOCHS, BATCH, LR = 20, 10, 2, 10, 0.1
 
 
-def run_flower(rounds: int, num_clients: int = NUM_CLIENTS,
-               per_round: int = PER_ROUND) -> list[float]:
+def run_flower(rounds: int, num_clients: int = NUM_CLIENTS, per_round: int = PER_ROUND,
+               partitions: int = 0) -> list[float]:
     """Plain Flower FedAvg; returns the wall time at the end of each round (seconds), from the
-    round-0 evaluation."""
+    round-0 evaluation. Client i trains on data partition i mod ``partitions`` (0: one each),
+    as fleetfl's ``federation.data_partitions``."""
+    partitions = partitions or num_clients
     import logging
 
     import torch
@@ -48,14 +50,14 @@ def run_flower(rounds: int, num_clients: int = NUM_CLIENTS,
     logging.getLogger("flwr").setLevel(logging.ERROR)
 
     def data():
-        return load_federated("digits", num_clients=num_clients, seed=0, partition_alpha=0.5)
+        return load_federated("digits", num_clients=partitions, seed=0, partition_alpha=0.5)
 
     client = ClientApp()
 
     @client.train()
     def train(msg: Message, context: Context) -> Message:
         fed = data()
-        shard, _ = fed.clients[int(context.node_config["partition-id"])]
+        shard, _ = fed.clients[int(context.node_config["partition-id"]) % partitions]
         model = build_model("cnn", fed.input_shape, fed.num_classes)
         model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
         x, y = torch.from_numpy(shard.x), torch.from_numpy(shard.y)
@@ -122,10 +124,12 @@ def main() -> None:
     parser.add_argument("--one", choices=["flower"], help=argparse.SUPPRESS)
     parser.add_argument("--clients", type=int, default=NUM_CLIENTS, help=argparse.SUPPRESS)
     parser.add_argument("--per-round", type=int, default=PER_ROUND, help=argparse.SUPPRESS)
+    parser.add_argument("--partitions", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=Path("runs/bench/overhead"))
     args = parser.parse_args()
     if args.one == "flower":
-        print(json.dumps(run_flower(args.rounds, args.clients, args.per_round)))
+        print(json.dumps(run_flower(args.rounds, args.clients, args.per_round,
+                                    args.partitions)))
         return
     runs: dict[str, list[float]] = {"flower": [], "fleetfl": []}
     order: list[str] = []

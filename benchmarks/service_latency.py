@@ -60,7 +60,7 @@ mark()
 import torch, fleetfl.client.solver, fleetfl.tasks.models  # what a train message needs
 mark()
 from fleetfl.client.local import TaskSettings, load_local_task
-s = TaskSettings("digits", "cnn", 1.0, 1.0, False, 0.5, 0, 3, '{"rpi4": 1}', 0)
+s = TaskSettings("digits", '{"model": "cnn"}', 0, 3, '{"rpi4": 1}', 0)
 local = load_local_task(s, {"data-path": sys.argv[1], "device": "rpi4"})
 mark()
 local.fresh_model()

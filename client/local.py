@@ -55,6 +55,7 @@ class TaskSettings:
     num_clients: int
     fleet_mix: str  # JSON object {profile: weight}
     fleet_seed: int
+    partitions: int = 0  # data partitions, client i on partition i mod P (0: one per client)
 
     def task(self) -> Task:
         """The run's task (imports a user task's module)."""
@@ -77,6 +78,7 @@ def task_settings(cfg: Mapping[str, Any]) -> TaskSettings:
             num_clients=int(cfg["federation.num_clients"]),
             fleet_mix=str(cfg["fleet.mix"]),
             fleet_seed=int(cfg["fleet.seed"]),
+            partitions=int(cfg.get("federation.data_partitions", 0)),
         )
     except KeyError as err:
         raise ValueError(f"message config lacks key {err.args[0]!r}") from None
@@ -235,16 +237,13 @@ def write_profile(path: Path, profile: DeviceProfile) -> Path:
 
 @functools.lru_cache(maxsize=8)
 def _load_partition(settings: TaskSettings, task: Task, index: int) -> LocalTask:
-    from fleetfl.devices.fleet import build_fleet
-
+    if not 0 <= index < settings.num_clients:
+        raise ValueError(f"partition-id {index} outside [0, {settings.num_clients})")
     data = _federated_data(settings, task)
-    if not 0 <= index < data.num_clients:
-        raise ValueError(f"partition-id {index} outside [0, {data.num_clients})")
-    train, test = data.clients[index]
-    fleet = build_fleet(settings.num_clients, json.loads(settings.fleet_mix), settings.fleet_seed)
+    train, test = data.clients[index % data.num_clients]
     return LocalTask(
         index=index,
-        device=fleet[index],
+        device=_fleet(settings.num_clients, settings.fleet_mix, settings.fleet_seed)[index],
         x=train.x,
         y=train.y,
         task=task,
@@ -254,7 +253,15 @@ def _load_partition(settings: TaskSettings, task: Task, index: int) -> LocalTask
 
 
 @functools.lru_cache(maxsize=2)
+def _fleet(num_clients: int, mix: str, seed: int) -> list[DeviceProfile]:
+    """The simulated fleet, made once per process (a worker serves many clients)."""
+    from fleetfl.devices.fleet import build_fleet
+
+    return build_fleet(num_clients, json.loads(mix), seed)
+
+
+@functools.lru_cache(maxsize=2)
 def _federated_data(settings: TaskSettings, task: Task) -> FederatedDataset:
     """The run's federated data, made once per process (a simulation worker serves many
     virtual clients; the built-ins also cache their loaders)."""
-    return task.federated_data(settings.num_clients, settings.seed)
+    return task.federated_data(settings.partitions or settings.num_clients, settings.seed)

@@ -53,12 +53,13 @@ def evaluation_sets(config: Config, task: Task, model: nn.Module,
                     deployed: bool) -> EvaluationSets:
     """The sets, after the task's start-up checks (``ConfigError`` naming the key)."""
     if not deployed:
-        num_clients = config.federation.num_clients
+        fed = config.federation
+        key = "federation.data_partitions" if fed.data_partitions else "federation.num_clients"
         try:
-            data = task.federated_data(num_clients, config.task.seed)
+            data = task.federated_data(fed.partitions, config.task.seed)
         except ValueError as err:  # e.g. too few examples for that many clients
-            raise ConfigError("federation.num_clients", f"task {task.name!r} cannot make "
-                                                        f"{num_clients} clients: {err}") from None
+            raise ConfigError(key, f"task {task.name!r} cannot make {fed.partitions} clients' "
+                                   f"data partitions: {err}") from None
         except OSError as err:  # its data could not be read or fetched
             raise ConfigError("task.name", f"task {task.name!r} cannot load its data: "
                                            f"{err}") from None

@@ -68,6 +68,9 @@ class FederationConfig:
 
     num_clients: int = _f(20, "clients in the fleet (synthetic: number of users)")
     clients_per_round: int = _f(10, "clients sampled per round among those available")
+    data_partitions: int = _f(0, "simulation: the data is split into this many partitions and "
+                                 "client i trains on partition i mod P, for populations larger "
+                                 "than the data can be split into (0: one per client)")
     rounds: int = _f(30, "communication rounds")
     local_epochs: int = _f(2, "local epochs E of a full (non-straggler) work plan")
     batch_size: int = _f(10, "local mini-batch size")
@@ -89,6 +92,11 @@ class FederationConfig:
     round_wait_s: float = _f(600.0, "wall seconds a round waits for federation.min_clients "
                                     "devices before the run stops with an error")
 
+    @property
+    def partitions(self) -> int:
+        """Data partitions of a simulation: ``data_partitions``, or one per client."""
+        return self.data_partitions or self.num_clients
+
     def check(self) -> None:
         _positive("federation.num_clients", self.num_clients)
         if self.num_clients > MAX_CLIENTS:
@@ -100,6 +108,11 @@ class FederationConfig:
                 "federation.clients_per_round",
                 f"{self.clients_per_round} exceeds federation.num_clients={self.num_clients}",
             )
+        _at_least("federation.data_partitions", self.data_partitions, 0)
+        if self.data_partitions > self.num_clients:
+            raise ConfigError("federation.data_partitions", f"{self.data_partitions} exceeds "
+                                                            f"federation.num_clients="
+                                                            f"{self.num_clients}")
         _positive("federation.rounds", self.rounds)
         _positive("federation.local_epochs", self.local_epochs)
         _positive("federation.batch_size", self.batch_size)

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
@@ -64,6 +65,7 @@ def message_config(config: Config) -> ConfigRecord:
     flat = to_run_config(config)
     keep = ("task.", "fleet.mix", "fleet.seed", "fleet.memory_budget_fraction",
             "fleet.runtime_memory_mib", "fleet.runtimes", "federation.num_clients",
+            "federation.data_partitions",
             "compression.update_bits", "compression.error_feedback", "compression.qat",
             "compression.entropy_coding", "aggregation.clip_norm")
     cfg = {k: v for k, v in flat.items() if k.startswith(keep)}
@@ -207,7 +209,8 @@ def _fleet(config: Config, shared: ConfigRecord, sizes: tuple[int, ...] | None,
     from fleetfl.devices.fleet import fleet_kinds
 
     profiles, kind = fleet_kinds(fed.num_clients, config.fleet.mix, config.fleet.seed)
-    return SimulatedFleet(profiles, kind, sizes, node_id_of, fed.max_examples_per_client)
+    per_client = np.resize(np.asarray(sizes, dtype=np.int64), fed.num_clients)  # i mod P
+    return SimulatedFleet(profiles, kind, per_client, node_id_of, fed.max_examples_per_client)
 
 
 def model_memory_stats(model: torch.nn.Module, input_shape: tuple[int, ...],
