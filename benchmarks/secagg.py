@@ -131,6 +131,7 @@ def ours_round(n: int, d: int, drop: float, seed: int,
         "clients_s": sum(client_s.values()),
         "server_s": server_s,
         "max_client_s": max(client_s.values()),
+        "median_client_s": statistics.median(client_s.values()),
         "critical_path_s": max(client_s.values()) + server_s,
         "k": result.num_neighbours, "t": result.threshold, "ring_bits": result.ring_bits,
         "survivors": len(result.survivors),
@@ -338,13 +339,19 @@ def main() -> None:
     parser.add_argument("--flower-max-n", type=int, default=100,
                         help="skip Flower's SecAgg+ above this cohort size (it is slow)")
     parser.add_argument("--no-flower", dest="flower", action="store_false")
+    parser.add_argument("--cohorts", type=int, nargs="+", help="instead of 20 50 100")
+    parser.add_argument("--d", type=int, help=f"values per update (default {D:,})")
+    parser.add_argument("--no-dropouts", dest="dropouts", action="store_false")
+    parser.add_argument("--label", default="", help="results file suffix")
     args = parser.parse_args()
     cohorts, d = ((10, 20), 10_000) if args.quick else (COHORTS, D)
+    cohorts, d = tuple(args.cohorts or cohorts), args.d or d
     if args.quick:
         args.repeats = args.flower_repeats = 1
     rows = [bench_cohort(n, d, args) for n in cohorts]
-    dropouts = [row for n in cohorts for row in bench_dropouts(n, d, args.repeats)]
-    emit("secagg" + ("_quick" if args.quick else ""),
+    dropouts = ([row for n in cohorts for row in bench_dropouts(n, d, args.repeats)]
+                if args.dropouts else [])
+    emit("secagg" + ("_quick" if args.quick else "") + (f"_{args.label}" if args.label else ""),
          {"d": d, "repeats": args.repeats, "flower_repeats": args.flower_repeats,
           "cohorts": rows, "dropouts": dropouts, "targets": targets(rows)})
 

@@ -59,7 +59,7 @@ class TaskConfig:
 
 MAX_CLIENTS = 1_000_000  # simulated clients: each has a device profile and a data split
 MAX_LR = 100.0
-ENGINES = ("local", "ray")
+ENGINES = ("local", "ray")  # and "auto", resolved to one of them
 
 
 @dataclass(frozen=True)
@@ -75,12 +75,14 @@ class FederationConfig:
     local_epochs: int = _f(2, "local epochs E of a full (non-straggler) work plan")
     batch_size: int = _f(10, "local mini-batch size")
     lr: float = _f(0.1, "local SGD learning rate")
-    engine: str = _f("ray", "'local': worker processes on this machine, no Ray; 'ray': "
-                            "Flower's Ray engine, also on a cluster (federation.ray_address)")
+    engine: str = _f("auto", "simulation engine: 'local' (worker processes on this machine, no "
+                             "Ray), 'ray' (Flower's Ray engine, also on a cluster), 'auto' "
+                             "(ray when federation.ray_address is set, else local)")
     workers: int = _f(0, "local engine: worker processes, each serving many clients (0: one "
                          "per CPU core)")
     ray_address: str = _f("", "'' starts a local Ray; 'auto' or 'HOST:PORT' joins a cluster")
-    client_cpus: float = _f(1.0, "Ray CPUs reserved per simulated client")
+    client_cpus: float = _f(1.0, "CPUs per simulated client: Ray's reservation, and the "
+                                 "torch/BLAS threads of each worker (both engines)")
     round_timeout_s: float = _f(600.0, "wall seconds to wait for a round's replies")
     evaluate_every: int = _f(0, "federated evaluation every N rounds: the round's cohort "
                                 "evaluates the global model on its local test splits (0: never)")
@@ -91,6 +93,11 @@ class FederationConfig:
                              "aggregation, else 1)")
     round_wait_s: float = _f(600.0, "wall seconds a round waits for federation.min_clients "
                                     "devices before the run stops with an error")
+
+    def __post_init__(self) -> None:
+        # Resolved here so that summary.json records the engine that ran.
+        if self.engine == "auto":
+            object.__setattr__(self, "engine", "ray" if self.ray_address else "local")
 
     @property
     def partitions(self) -> int:
@@ -121,7 +128,7 @@ class FederationConfig:
             raise ConfigError("federation.lr", f"{self.lr} would diverge at once "
                                                f"(at most {MAX_LR:g})")
         if self.engine not in ENGINES:
-            raise ConfigError("federation.engine", f"{self.engine!r} is not one of "
+            raise ConfigError("federation.engine", f"{self.engine!r} is not one of 'auto', "
                                                    f"{', '.join(map(repr, ENGINES))}")
         if self.engine == "local" and self.ray_address:
             raise ConfigError("federation.engine", "the local engine runs on this machine; "

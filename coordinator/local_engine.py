@@ -113,6 +113,11 @@ class LocalGrid(Grid):
     def get_node_ids(self) -> Iterable[int]:
         return range(node_id_of(0), node_id_of(self.num_nodes))
 
+    @staticmethod
+    def node_id_of(index: int) -> int:
+        """The node of population member ``index`` (:func:`node_id_of`)."""
+        return node_id_of(index)
+
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         """Dispatch ``messages`` to the workers in batches; their ids (a message to a node
         outside the population is refused, logged, and gets no id: as Flower's LinkState)."""

@@ -91,7 +91,7 @@ def run_rounds(grid: Grid, config: Config, outcome: RunOutcome,
     sets = evaluation_sets(config, task, model, deployed)
     input_shape, num_classes = sets.input_shape, sets.num_classes
     shared = message_config(config)
-    registry = _fleet(config, shared, sets.sizes, deployed)
+    registry = _fleet(config, grid, shared, sets.sizes)
     memory_stats = model_memory_stats(model, input_shape, sets.input_dtype,
                                       qat=config.compression.qat)
     settings = PlanSettings(
@@ -197,20 +197,23 @@ def run_rounds(grid: Grid, config: Config, outcome: RunOutcome,
     )
 
 
-def _fleet(config: Config, shared: ConfigRecord, sizes: tuple[int, ...] | None,
-           deployed: bool) -> FleetRegistry | SimulatedFleet:
-    """Who can be sampled: the nodes that register (deployed, or Flower's Ray engine), or, on
-    the local engine, the simulated population derived from the config with no messages."""
+def _fleet(config: Config, grid: Grid, shared: ConfigRecord,
+           sizes: tuple[int, ...] | None) -> FleetRegistry | SimulatedFleet:
+    """Who can be sampled: on the local engine's grid, the simulated population derived from
+    the config with no messages; on any other grid (deployed, Flower's Ray engine), the nodes
+    that register."""
+    from fleetfl.coordinator.local_engine import LocalGrid
+
     fed = config.federation
-    if deployed or fed.engine != "local" or sizes is None:
+    if not isinstance(grid, LocalGrid) or sizes is None:
         return FleetRegistry(shared, timeout_s=fed.round_timeout_s,
                              max_examples=fed.max_examples_per_client)
-    from fleetfl.coordinator.local_engine import node_id_of
     from fleetfl.devices.fleet import fleet_kinds
 
     profiles, kind = fleet_kinds(fed.num_clients, config.fleet.mix, config.fleet.seed)
     per_client = np.resize(np.asarray(sizes, dtype=np.int64), fed.num_clients)  # i mod P
-    return SimulatedFleet(profiles, kind, per_client, node_id_of, fed.max_examples_per_client)
+    return SimulatedFleet(profiles, kind, per_client, grid.node_id_of,
+                          fed.max_examples_per_client)
 
 
 def model_memory_stats(model: torch.nn.Module, input_shape: tuple[int, ...],

@@ -43,7 +43,9 @@ CHECKPOINT = "checkpoint.pt"
 COMMIT = "commit.json"
 METRICS = "metrics.jsonl"
 # Config keys that may change between a crash and the restart without invalidating the state.
-RESUMABLE_CHANGES = ("federation.rounds", "federation.round_timeout_s", "output.")
+# How a run is executed, not what it computes (both engines train the same model bit for bit).
+RESUMABLE_CHANGES = ("federation.rounds", "federation.round_timeout_s", "federation.engine",
+                     "federation.workers", "output.")
 
 
 class StateError(RuntimeError):
@@ -79,8 +81,12 @@ def _flat(config: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def config_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
-    """``section.key`` names whose value differs, ignoring :data:`RESUMABLE_CHANGES`."""
-    a, b = _flat(saved), _flat(current)
+    """``section.key`` names whose value differs, ignoring :data:`RESUMABLE_CHANGES`. A key
+    the saved config lacks (written by an older fleetfl) counts as its default."""
+    from fleetfl.coordinator.config import from_dict
+
+    defaults = _flat(from_dict({}).to_dict())
+    a, b = {**defaults, **_flat(saved)}, {**defaults, **_flat(current)}
     changed = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
     return [k for k in changed if not k.startswith(RESUMABLE_CHANGES)]
 

@@ -42,7 +42,7 @@ def test_simulation_on_flower_engine_learns_and_writes_results(tmp_path):
         "--set", "fleet.stragglers=0.5", "--set", "fleet.mix={rpi4=1,phone-high=1}",
         "--set", "compression.update_bits=8", "--set", "compression.prune_final_sparsity=0.5",
         "--set", "compression.prune_end_round=3", "--set", "compression.downlink_bits=16",
-        "--set", "secagg.enabled=false",
+        "--set", "secagg.enabled=false", "--set", "federation.engine=ray",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())

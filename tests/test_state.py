@@ -113,6 +113,20 @@ def test_resume_refuses_a_changed_config_but_allows_more_rounds(tmp_path: Path) 
     assert config_changes(CONFIG, other_lr) == ["federation.lr"]
 
 
+def test_a_key_an_older_fleetfl_did_not_save_counts_as_its_default() -> None:
+    from fleetfl.coordinator.config import from_dict
+
+    saved = from_dict({}).to_dict()
+    del saved["federation"]["data_partitions"]  # a state written before the key existed
+    assert config_changes(saved, from_dict({}).to_dict()) == []
+    grown = from_dict({"federation": {"num_clients": 40, "data_partitions": 20}}).to_dict()
+    assert config_changes(saved, grown) == ["federation.data_partitions",
+                                            "federation.num_clients"]
+    # Which engine runs the simulation does not change what it computes.
+    ray = from_dict({"federation": {"engine": "ray", "workers": 3}}).to_dict()
+    assert config_changes(saved, ray) == []
+
+
 def test_a_crash_mid_write_keeps_the_previous_commit(tmp_path: Path) -> None:
     store = RoundStore(tmp_path)
     store.acquire()
