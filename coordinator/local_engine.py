@@ -204,17 +204,18 @@ class LocalGrid(Grid):
 
 
 @contextlib.contextmanager
-def local_grid(client_app_ref: str, num_nodes: int, workers: int,
-               threads: int = 1) -> Iterator[LocalGrid]:
+def local_grid(client_app_ref: str, num_nodes: int, workers: int, threads: int = 1,
+               preload: tuple[str, ...] = ()) -> Iterator[LocalGrid]:
     """A :class:`LocalGrid` over ``num_nodes`` virtual clients of ``client_app_ref``
-    (``module:attribute``) in ``workers`` processes of ``threads`` torch threads each, for a
-    new run; the workers stop when the block exits."""
+    (``module:attribute``) in ``workers`` processes of ``threads`` torch threads each (started
+    at once, importing ``preload``), for a new run; the workers stop when the block exits."""
     run_id = generate_rand_int_from_bytes(RUN_ID_NUM_BYTES)
     run = Run.create_empty(run_id=run_id)
     run.primary_task_id = 1
     # Flower's Message() reads the sender's identity from here (run_simulation does the same).
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, run_id, SUPERLINK_NODE_ID
-    pool = WorkerPool(client_app_ref, workers, threads)
+    pool = WorkerPool(client_app_ref, workers, threads, preload)
+    pool.warm()
     try:
         yield LocalGrid(pool, num_nodes, run)
     finally:
@@ -222,11 +223,11 @@ def local_grid(client_app_ref: str, num_nodes: int, workers: int,
 
 
 def run_local(server_app: ServerApp, client_app_ref: str, num_nodes: int, workers: int,
-              threads: int = 1) -> Context:
+              threads: int = 1, preload: tuple[str, ...] = ()) -> Context:
     """Run ``server_app`` on a :func:`local_grid`; the ServerApp's context when it ends."""
     from flwr.server.run_serverapp import run as run_serverapp
 
-    with local_grid(client_app_ref, num_nodes, workers, threads) as grid:
+    with local_grid(client_app_ref, num_nodes, workers, threads, preload) as grid:
         context = Context(run_id=grid.run.run_id, node_id=0, node_config={},
                           state=RecordDict(), run_config={})
         return run_serverapp(grid=grid, context=context, server_app_dir="",

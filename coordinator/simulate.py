@@ -139,6 +139,8 @@ def _run(config: Config, out: Path, metrics_path: Path, verbose: bool,
 
 
 CLIENT_APP = "fleetfl.client.app:app"
+# What its train handler imports on first use: loaded while the workers start, not in round 1.
+CLIENT_PRELOAD = ("torch", "fleetfl.client.training")
 
 
 def local_workers(config: Config) -> int:
@@ -154,7 +156,7 @@ def _run_engine(config: Config, server_app: ServerApp, verbose: bool) -> None:
         from fleetfl.coordinator.local_engine import run_local
 
         run_local(server_app, CLIENT_APP, fed.num_clients, local_workers(config),
-                  threads=max(1, math.floor(fed.client_cpus)))
+                  threads=max(1, math.floor(fed.client_cpus)), preload=CLIENT_PRELOAD)
         return
     from flwr.simulation import run_simulation
 

@@ -52,12 +52,15 @@ def load_app(ref: str) -> ClientApp:
     return app
 
 
-def _start_worker(ref: str, threads: int) -> None:
-    """Worker initializer: one torch/BLAS thread count, then import the app once."""
+def _start_worker(ref: str, threads: int, preload: tuple[str, ...] = ()) -> None:
+    """Worker initializer: one torch/BLAS thread count, then import the app (and ``preload``:
+    modules its handlers import on first use) once."""
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ[var] = str(threads)
     global _app
     _app = load_app(ref)
+    for module in preload:
+        importlib.import_module(module)
     try:
         import torch
 
@@ -95,22 +98,34 @@ def split_batches(jobs: Sequence[Job], workers: int,
     return [list(jobs[i:i + size]) for i in range(0, len(jobs), size)]
 
 
-class WorkerPool:
-    """``workers`` processes running the ClientApp ``app_ref`` (``module:attribute``)."""
+def _ready() -> None:
+    """A no-op task: submitting one per worker makes the pool start them all."""
 
-    def __init__(self, app_ref: str, workers: int, threads: int = 1) -> None:
+
+class WorkerPool:
+    """``workers`` processes running the ClientApp ``app_ref`` (``module:attribute``), each
+    with ``threads`` torch/BLAS threads and the modules ``preload`` imported at start."""
+
+    def __init__(self, app_ref: str, workers: int, threads: int = 1,
+                 preload: tuple[str, ...] = ()) -> None:
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
         load_app(app_ref)  # a wrong reference fails here, in the driver, with its reason
-        self.app_ref, self.workers, self.threads = app_ref, workers, threads
+        self.app_ref, self.workers, self.threads, self.preload = app_ref, workers, threads, preload
         self._executor: cf.ProcessPoolExecutor | None = None
 
     def _pool(self) -> cf.ProcessPoolExecutor:
         if self._executor is None:
             self._executor = cf.ProcessPoolExecutor(
                 max_workers=self.workers, mp_context=multiprocessing.get_context("spawn"),
-                initializer=_start_worker, initargs=(self.app_ref, self.threads))
+                initializer=_start_worker, initargs=(self.app_ref, self.threads, self.preload))
         return self._executor
+
+    def warm(self) -> None:
+        """Start every worker now, without waiting: their start-up (imports) then overlaps
+        the coordinator's own (data, model, first evaluation) instead of round 1."""
+        for _ in range(self.workers):
+            self._pool().submit(_ready)
 
     def submit(self, batch: Sequence[Job]) -> cf.Future:
         """Run ``batch`` on a worker; the future's result is :func:`run_batch`'s."""
