@@ -205,9 +205,22 @@ class FleetConfig:
                           "\"executorch\"} (what phones run; needs fleetfl[executorch]); "
                           "unlisted profiles train in torch"},
     )
+    capacity_trace: str = _f("", "simulation: a FedScale device capacity trace (pickle or "
+                                 "JSON: ms per sample, kbit/s); client i takes entry i mod T")
+    availability_trace: str = _f("", "simulation: a FedScale availability trace (active "
+                                     "windows, repeating); replaces the profiles' availability")
 
     def check(self) -> None:
         _check_runtimes(self.runtimes)
+        for key, kind in (("capacity_trace", "capacity"), ("availability_trace", "availability")):
+            path = getattr(self, key)
+            if path:
+                from fleetfl.devices.traces import TraceError, load
+
+                try:
+                    load(kind, path)
+                except TraceError as err:
+                    raise ConfigError(f"fleet.{key}", str(err)) from None
         try:
             parse_mix(self.mix)
         except ValueError as err:

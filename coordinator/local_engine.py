@@ -152,23 +152,23 @@ class LocalGrid(Grid):
             replies.extend(got)
             pending.difference_update(m.metadata.reply_to_message_id for m in got)
             left = None if deadline is None else deadline - time.monotonic()
-            if not pending or (left is not None and left <= 0):
+            if not pending or (left is not None and left <= 0) or not self._wait(pending, left):
                 break
-            self._wait(pending, left)
         if pending:
-            log.warning("%d simulated client(s) sent no reply within %.0f s", len(pending),
-                        timeout or 0)
+            log.warning("%d simulated client(s) sent no reply in time", len(pending))
             with self._lock:
                 self._abandoned.update(pending)
         return replies
 
-    def _wait(self, pending: set[str], timeout: float | None) -> None:
-        """Block until a batch holding one of ``pending`` finishes (or ``timeout``)."""
+    def _wait(self, pending: set[str], timeout: float | None) -> bool:
+        """Block until a batch holding one of ``pending`` finishes (or ``timeout``); False if
+        no batch in flight holds any (a reply that answered another message id)."""
         with self._lock:
             futures = [f for f, msgs in self._inflight.items()
                        if any(m.metadata.message_id in pending for m in msgs)]
         if futures:
             cf.wait(futures, timeout=timeout, return_when=cf.FIRST_COMPLETED)
+        return bool(futures)
 
     def _harvest(self) -> None:
         """Move finished batches' replies into the reply box and their contexts back."""
@@ -189,7 +189,7 @@ class LocalGrid(Grid):
         try:
             results = future.result()
         except cf.process.BrokenProcessPool:
-            self.pool.restart()
+            self.pool.broken(future)
             for msg in sent:
                 yield error_reply(msg, "the simulation worker running this client died "
                                        "(killed, or out of memory)", ErrorCode.UNKNOWN)

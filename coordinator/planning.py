@@ -32,6 +32,7 @@ from fleetfl.devices.memory_planner import (
     fit_training_plan,
     memory_budget_bytes,
 )
+from fleetfl.devices.traces import FleetTraces
 from fleetfl.devices.workplan import WorkPlan, plan_work, sample_stragglers
 
 
@@ -60,6 +61,8 @@ class PlanSettings:
     simulated_availability: bool = True
     min_clients: int = 1  # a round waits for this many registered nodes (FleetRegistry.wait_for)
     round_wait_s: float = 600.0  # ... at most this long (wall seconds)
+    # Simulation: device speeds and/or availability from FedScale-format traces.
+    traces: FleetTraces | None = None
 
 
 @dataclass(frozen=True)
@@ -100,17 +103,19 @@ def _fit(stats: TrainingMemoryStats, batch: int, budget: int, reserved: int) -> 
 
 
 def draw_cohort(
-    clients: Population | Sequence[ClientInfo], server_round: int, settings: PlanSettings
+    clients: Population | Sequence[ClientInfo], server_round: int, settings: PlanSettings,
+    now_s: float = 0.0,
 ) -> Cohort:
     """Sample up to ``clients_per_round`` clients among those online this round whose device
-    can fit a memory plan; count the online clients that cannot.
+    can fit a memory plan; count the online clients that cannot. ``now_s``: the round's start
+    on the virtual clock (seconds), for an availability trace.
 
     Vectorized over the population: one availability draw per member, one memory plan per
-    distinct (device, batch, reserve), and :class:`ClientInfo` objects only for the cohort.
+    distinct (device, batch, reserve), and :class:`ClientInfo` objects only for the cohort
+    (with their capacity trace's speeds, if any).
     """
     pop = clients if isinstance(clients, Population) else Population.of_clients(clients)
-    online = (online_mask(pop.availability(), server_round, settings.seed)
-              if settings.simulated_availability else np.ones(len(pop), dtype=bool))
+    online = _online(pop, server_round, settings, now_s)
     fits, why = _fitting(pop, settings)
     eligible = np.flatnonzero(online & fits)
     unfit = np.flatnonzero(online & ~fits)
@@ -118,7 +123,23 @@ def draw_cohort(
     rng = round_rng(settings.seed, server_round, _SELECTION)
     picks = rng.choice(eligible, size=k, replace=False)
     example = (pop.client(int(unfit[0])), why(int(unfit[0]))) if len(unfit) else None
-    return Cohort([pop.client(int(i)) for i in np.sort(picks)], len(unfit), example)
+    members = [pop.client(int(i)) for i in np.sort(picks)]
+    if settings.traces is not None:
+        members = [dataclasses.replace(c, device=settings.traces.device(c.device, c.index))
+                   for c in members]
+    return Cohort(members, len(unfit), example)
+
+
+def _online(pop: Population, server_round: int, settings: PlanSettings,
+            now_s: float) -> np.ndarray:
+    """Who is online: everyone (deployed: connected is online), the availability trace at
+    ``now_s``, or one draw per member with its profile's availability."""
+    if not settings.simulated_availability:
+        return np.ones(len(pop), dtype=bool)
+    traces = settings.traces
+    if traces is not None and traces.availability is not None:
+        return traces.availability.online(pop.indices, now_s)
+    return online_mask(pop.availability(), server_round, settings.seed)
 
 
 def _fitting(pop: Population, settings: PlanSettings) -> tuple[np.ndarray, Callable[[int], str]]:

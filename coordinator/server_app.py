@@ -43,10 +43,12 @@ from fleetfl.coordinator.strategy import FleetFedProx
 from fleetfl.coordinator.transport import ModelTransport, TransportSettings
 from fleetfl.devices.clock import VirtualClock
 from fleetfl.devices.memory_planner import TrainingMemoryStats
+from fleetfl.devices.traces import FleetTraces
 from fleetfl.logs import log_to_stderr
 from fleetfl.tasks.models import training_flops_per_sample
 
 RoundCallback = Callable[[dict[str, Any]], None]
+IDLE_ROUND_S = 60.0  # virtual seconds a round with no client online lasts
 log = logging.getLogger(__name__)
 
 
@@ -94,6 +96,8 @@ def run_rounds(grid: Grid, config: Config, outcome: RunOutcome,
     registry = _fleet(config, grid, shared, sets.sizes)
     memory_stats = model_memory_stats(model, input_shape, sets.input_dtype,
                                       qat=config.compression.qat)
+    flops_per_sample = training_flops_per_sample(model, input_shape, sets.input_dtype)
+    clock = VirtualClock()
     settings = PlanSettings(
         clients_per_round=fed.clients_per_round,
         local_epochs=fed.local_epochs,
@@ -104,6 +108,7 @@ def run_rounds(grid: Grid, config: Config, outcome: RunOutcome,
         memory=MemorySettings(memory_stats, config.fleet.memory_budget_fraction,
                               config.fleet.runtime_memory_bytes),
         simulated_availability=not deployed,
+        traces=None if deployed else _traces(config, flops_per_sample),
         # SecAgg+ needs 2 clients: a round of 1 would abort, so by default it waits for 2.
         min_clients=fed.min_clients or (2 if config.secagg.enabled else 1),
         round_wait_s=fed.round_wait_s,
@@ -131,14 +136,14 @@ def run_rounds(grid: Grid, config: Config, outcome: RunOutcome,
         transport=transport,
         settings=settings,
         proximal_mu=config.strategy.mu,
-        flops_per_sample=training_flops_per_sample(model, input_shape, sets.input_dtype),
+        flops_per_sample=flops_per_sample,
         drop_stragglers=config.fleet.drop_stragglers,
         robust=RobustRule(config.aggregation.clip_norm, config.aggregation.norm_bound_ratio,
                           config.aggregation.robust, config.aggregation.trim_fraction),
         server_opt=ServerOptimizer(config.strategy.server_optimizer, config.strategy.server_lr,
                                    config.strategy.server_momentum),
+        clock=clock,
     )
-    clock = VirtualClock()
     started = time.perf_counter()
     task_record = {**asdict(task_cfg), "input_shape": list(input_shape),
                    "input_dtype": sets.input_dtype,
@@ -163,7 +168,9 @@ def run_rounds(grid: Grid, config: Config, outcome: RunOutcome,
             outcome.initial = row
             return _metric_record(row)
         stats = strategy.history[-1]
-        clock.advance(stats.round_time_s)
+        # A round nobody could join (an availability trace's quiet hours) still moves the
+        # virtual clock, or every later round would start at the same instant.
+        clock.advance(stats.round_time_s or (IDLE_ROUND_S if stats.selected == 0 else 0.0))
         row.update({k: v for k, v in asdict(stats).items() if k != "server_round"})
         row.update(simulated_time_s=clock.now_s, wall_time_s=time.perf_counter() - started)
         outcome.rows.append(row)
@@ -195,6 +202,21 @@ def run_rounds(grid: Grid, config: Config, outcome: RunOutcome,
             {**shared, P.MEMORY_STATS: json.dumps(memory_stats.to_dict(), separators=(",", ":"))}),
         evaluate_fn=evaluate_fn,
     )
+
+
+def _traces(config: Config, flops_per_sample: float) -> FleetTraces | None:
+    """The simulation's FedScale-format traces (``fleet.capacity_trace``,
+    ``fleet.availability_trace``), or None without either."""
+    fleet = config.fleet
+    if not (fleet.capacity_trace or fleet.availability_trace):
+        return None
+    from fleetfl.devices import traces
+
+    return FleetTraces(
+        capacity=traces.load("capacity", fleet.capacity_trace) if fleet.capacity_trace else None,
+        availability=(traces.load("availability", fleet.availability_trace)
+                      if fleet.availability_trace else None),
+        flops_per_sample=flops_per_sample)
 
 
 def _fleet(config: Config, grid: Grid, shared: ConfigRecord,

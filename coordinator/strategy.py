@@ -46,7 +46,7 @@ from fleetfl.coordinator.planning import PlanSettings, draw_cohort, plan_cohort,
 from fleetfl.coordinator.population import SimulatedFleet
 from fleetfl.coordinator.registry import ClientInfo, FleetRegistry
 from fleetfl.coordinator.transport import ModelTransport
-from fleetfl.devices.clock import client_round_time_s, round_time_s
+from fleetfl.devices.clock import VirtualClock, client_round_time_s, round_time_s
 from fleetfl.devices.workplan import WorkPlan
 
 log = logging.getLogger(__name__)
@@ -116,6 +116,7 @@ class FleetFedProx(FedProx):
         drop_stragglers: bool = False,
         robust: RobustRule | None = None,
         server_opt: ServerOptimizer | None = None,
+        clock: VirtualClock | None = None,
     ) -> None:
         super().__init__(
             fraction_evaluate=0.0,  # the simulation evaluates centrally (evaluate_fn)
@@ -130,6 +131,7 @@ class FleetFedProx(FedProx):
         self.drop_stragglers = drop_stragglers
         self.robust = robust or RobustRule()
         self.server_opt = server_opt or ServerOptimizer()
+        self.clock = clock  # the run's virtual clock: a round starts at clock.now_s
         self.history: list[RoundStats] = []
         self._cohort: dict[int, ClientInfo] = {}
         self._plans: dict[int, WorkPlan] = {}
@@ -160,7 +162,8 @@ class FleetFedProx(FedProx):
         self.transport.begin_round(server_round, self._base)  # prunes _base in place
         config[P.CLIP] = self.transport.clip
         self._dense_reply_bytes = _plain_flower_reply_bytes(arrays)
-        drawn = draw_cohort(self.registry.population, server_round, self.settings)
+        now_s = self.clock.now_s if self.clock is not None else 0.0
+        drawn = draw_cohort(self.registry.population, server_round, self.settings, now_s)
         cohort = drawn.members
         if drawn.unfit_example is not None:
             client, why = drawn.unfit_example

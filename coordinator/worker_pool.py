@@ -10,8 +10,9 @@ times (:func:`split_batches`).
 What comes back for each message is the ClientApp's reply, or an error reply (Flower's
 ``Error`` with ``CLIENT_APP_RAISED_EXCEPTION``) when the app raised: the coordinator sees a
 failing client exactly as on Flower's Ray engine. If a worker process dies (a segfault, the
-kernel's OOM killer), every message of its batch gets an error reply and the pool is rebuilt
-for the next dispatch; the round goes on with the other clients.
+kernel's OOM killer), the pool breaks: every message in flight at that moment gets an error
+reply, the pool is rebuilt for the next dispatch, and the round goes on with the replies it
+has.
 
 Stdlib only (``concurrent.futures.ProcessPoolExecutor``): checked against Ray (what Flower's
 engine uses; a scheduler, an object store and ~1 s of per-run start-up a single machine does
@@ -26,6 +27,8 @@ import logging
 import math
 import multiprocessing
 import os
+import signal
+import weakref
 from collections.abc import Sequence
 
 from flwr.app import Context, Message
@@ -54,7 +57,9 @@ def load_app(ref: str) -> ClientApp:
 
 def _start_worker(ref: str, threads: int, preload: tuple[str, ...] = ()) -> None:
     """Worker initializer: one torch/BLAS thread count, then import the app (and ``preload``:
-    modules its handlers import on first use) once."""
+    modules its handlers import on first use) once. Ctrl-C is the driver's to handle: it
+    stops the pool (a worker interrupted mid-batch would only print a traceback)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ[var] = str(threads)
     global _app
@@ -113,6 +118,7 @@ class WorkerPool:
         load_app(app_ref)  # a wrong reference fails here, in the driver, with its reason
         self.app_ref, self.workers, self.threads, self.preload = app_ref, workers, threads, preload
         self._executor: cf.ProcessPoolExecutor | None = None
+        self._current: weakref.WeakSet[cf.Future] = weakref.WeakSet()  # the pool's futures
 
     def _pool(self) -> cf.ProcessPoolExecutor:
         if self._executor is None:
@@ -130,18 +136,24 @@ class WorkerPool:
     def submit(self, batch: Sequence[Job]) -> cf.Future:
         """Run ``batch`` on a worker; the future's result is :func:`run_batch`'s."""
         try:
-            return self._pool().submit(run_batch, list(batch))
+            future = self._pool().submit(run_batch, list(batch))
         except cf.process.BrokenProcessPool:
-            self.restart()
-            return self._pool().submit(run_batch, list(batch))
+            self.close(wait=False)
+            future = self._pool().submit(run_batch, list(batch))
+        self._current.add(future)
+        return future
 
-    def restart(self) -> None:
-        """Drop a broken pool; the next :meth:`submit` starts fresh workers."""
-        log.warning("a simulation worker process died; starting a new pool")
-        self.close(wait=False)
+    def broken(self, future: cf.Future) -> None:
+        """``future`` failed because a worker died: if its pool is the current one, drop it,
+        and the next :meth:`submit` starts fresh workers. (A dead worker breaks the whole
+        pool: every batch in flight then fails, each reporting it once.)"""
+        if future in self._current:
+            log.warning("a simulation worker process died; starting a new pool")
+            self.close(wait=False)
 
     def close(self, wait: bool = True) -> None:
         """Stop the workers (``wait``: let running batches finish first)."""
         if self._executor is not None:
             self._executor.shutdown(wait=wait, cancel_futures=True)
             self._executor = None
+            self._current = weakref.WeakSet()
