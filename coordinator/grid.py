@@ -13,7 +13,7 @@ wrapped.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
@@ -61,16 +61,30 @@ class PollingGrid(Grid):
         message by ``reply_to_message_id``.
         """
         pending = set(self.push_messages(messages))
-        deadline = None if timeout is None else time.monotonic() + timeout
-        replies: list[Message] = []
-        while pending:
-            got = list(self.pull_messages(pending))
-            replies.extend(got)
-            pending.difference_update(m.metadata.reply_to_message_id for m in got)
-            if not pending or (deadline is not None and time.monotonic() >= deadline):
-                break
-            time.sleep(self.poll_s)
-        return replies
+        return gather_replies(self.pull_messages, pending, timeout, self._sleep)
+
+    def _sleep(self, pending: set[str], left: float | None) -> bool:
+        time.sleep(self.poll_s)
+        return True
+
+
+def gather_replies(pull: Callable[[set[str]], Iterable[Message]], pending: set[str],
+                   timeout: float | None,
+                   wait: Callable[[set[str], float | None], bool]) -> list[Message]:
+    """``send_and_receive``'s loop: ``pull`` the replies to the message ids ``pending`` (which
+    is emptied as they come, by ``reply_to_message_id``) until all are in, ``timeout`` seconds
+    have passed (None: no limit), or ``wait(pending, seconds_left)``, called between pulls,
+    returns False (nothing more can come). The replies, in the order pulled."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    replies: list[Message] = []
+    while pending:
+        got = list(pull(pending))
+        replies.extend(got)
+        pending.difference_update(m.metadata.reply_to_message_id for m in got)
+        left = None if deadline is None else deadline - time.monotonic()
+        if not pending or (left is not None and left <= 0) or not wait(pending, left):
+            break
+    return replies
 
 
 def fast_polling(grid: Grid, poll_s: float = DEFAULT_POLL_S) -> Grid:

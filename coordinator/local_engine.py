@@ -27,7 +27,6 @@ import concurrent.futures as cf
 import contextlib
 import logging
 import threading
-import time
 from collections.abc import Iterable, Iterator
 from uuid import uuid4
 
@@ -38,6 +37,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
+from fleetfl.coordinator.grid import gather_replies
 from fleetfl.coordinator.worker_pool import Job, WorkerPool, error_reply, split_batches
 
 log = logging.getLogger(__name__)
@@ -145,15 +145,7 @@ class LocalGrid(Grid):
                          timeout: float | None = None) -> Iterable[Message]:
         """Push ``messages``; the replies received within ``timeout`` seconds (None: all)."""
         pending = set(self.push_messages(messages))
-        deadline = None if timeout is None else time.monotonic() + timeout
-        replies: list[Message] = []
-        while pending:
-            got = list(self.pull_messages(pending))
-            replies.extend(got)
-            pending.difference_update(m.metadata.reply_to_message_id for m in got)
-            left = None if deadline is None else deadline - time.monotonic()
-            if not pending or (left is not None and left <= 0) or not self._wait(pending, left):
-                break
+        replies = gather_replies(self.pull_messages, pending, timeout, self._wait)
         if pending:
             log.warning("%d simulated client(s) sent no reply in time", len(pending))
             with self._lock:
