@@ -9,8 +9,8 @@ for a 1M-parameter model at 1,000 clients) and move it twice per message.
 With a store, :func:`offloaded` loads a node's state from ``<dir>/<run>/<node>.pb`` (Flower's
 ``RecordDict`` proto) into ``context.state`` when a message arrives and moves it back to disk
 when the handler returns, so what travels and what the driver keeps is an empty state: memory
-O(cohort) in the workers, none per client in the coordinator. Ray's workers of one machine share
-the directory, which ``fleetfl simulate`` creates per run and removes at the end
+O(cohort) in the workers, none per client in the coordinator. The workers of one machine (the
+local engine's or Ray's) share the directory, which ``fleetfl simulate`` creates per run and removes at the end
 (``FLEETFL_CLIENT_STATE_DIR`` names another, e.g. on a shared file system; ``off`` keeps the
 state in Flower's context). A Ray cluster's nodes keep their own environment: unset there,
 the state stays in Flower's context; one directory that every node shares works as on one
