@@ -10,13 +10,13 @@ With a store, :func:`offloaded` loads a node's state from ``<dir>/<run>/<node>.p
 ``RecordDict`` proto) into ``context.state`` when a message arrives and moves it back to disk
 when the handler returns, so what travels and what the driver keeps is an empty state: memory
 O(cohort) in the workers, none per client in the coordinator. The workers of one machine (the
-local engine's or Ray's) share the directory, which ``fleetfl simulate`` creates per run and removes at the end
-(``FLEETFL_CLIENT_STATE_DIR`` names another, e.g. on a shared file system; ``off`` keeps the
-state in Flower's context). A Ray cluster's nodes keep their own environment: unset there,
-the state stays in Flower's context; one directory that every node shares works as on one
-machine. One directory per node is wrong: a client's next message may run on another node,
-where its SecAgg+ secrets are missing (the round aborts) and its residual is stale. A real
-device keeps its context in its own process (and on its disk:
+local engine's or Ray's) share the directory, which ``fleetfl simulate`` creates per run and
+removes at the end (``FLEETFL_CLIENT_STATE_DIR`` names another, e.g. on a shared file system;
+``off`` keeps the state in Flower's context). A Ray cluster's nodes keep their own environment:
+unset there, the state stays in Flower's context; one directory that every node shares works as
+on one machine. One directory per node is wrong: a client's next message may run on another
+node, where its SecAgg+ secrets are missing (the round aborts) and its residual is stale. A
+real device keeps its context in its own process (and on its disk:
 :class:`fleetfl.client.runner.ContextStore`), so this is for simulation only.
 """
 
