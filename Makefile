@@ -72,9 +72,10 @@ pi-check: install-dev
 service-check: install-dev
 	FLEETFL_SERVICE_E2E=1 $(PY) -m pytest -q tests/test_service_e2e.py
 
-# A simulation on two Ray nodes started on 127.0.0.1 (about 1.5 min; CI runs it after `make test`).
+# The Ray scenarios: a simulation on two Ray nodes started on 127.0.0.1, and the local engine
+# against Ray on the full stack (about 2.5 min; CI runs it after `make test`).
 ray-check: install-dev
-	FLEETFL_RAY_CLUSTER=1 $(PY) -m pytest -q tests/test_ray_cluster.py
+	FLEETFL_RAY_CLUSTER=1 $(PY) -m pytest -q -k ray tests/test_ray_cluster.py tests/test_engines_e2e.py
 
 # The newest versions pyproject.toml allows, in a venv of their own (the locked .venv stays).
 test-latest:
