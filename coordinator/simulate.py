@@ -1,7 +1,10 @@
-"""``fleetfl simulate``: run the fleet on Flower's simulation engine (Ray) and write results.
+"""``fleetfl simulate``: run the fleet on the configured engine and write results.
 
-The ServerApp runs in this process (Flower runs it in a thread); each simulated client is a
-virtual SuperNode whose ClientApp executes in a Ray actor. Outputs, in ``config.output.dir``:
+The ServerApp runs in this process. ``federation.engine = "local"``: its Grid hands each
+message to a pool of worker processes running the ClientApp
+(:mod:`fleetfl.coordinator.local_engine`); ``"ray"``: Flower's simulation engine runs the
+ServerApp in a thread and each simulated client is a virtual SuperNode whose ClientApp executes
+in a Ray actor. Outputs, in ``config.output.dir``:
 ``metrics.jsonl`` (one object per round, written as rounds finish), ``summary.json`` and
 ``report.png``.
 """
