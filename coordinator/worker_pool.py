@@ -22,14 +22,17 @@ not need) and ``multiprocessing.Pool`` (no recovery from a dead worker).
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import importlib
 import logging
 import math
 import multiprocessing
 import os
 import signal
+import sys
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 from flwr.app import Context, Message
 from flwr.app.error import Error
@@ -103,6 +106,27 @@ def split_batches(jobs: Sequence[Job], workers: int,
     return [list(jobs[i:i + size]) for i in range(0, len(jobs), size)]
 
 
+@contextlib.contextmanager
+def _main_not_inherited() -> Iterator[None]:
+    """While workers start: hide the caller's main script from ``multiprocessing``, which would
+    otherwise run it again in every worker (as ``__mp_main__``), so that a script calling
+    ``fleetfl.simulate(...)`` at top level, without an ``if __name__ == "__main__":`` guard,
+    would start a simulation in each worker. The workers need nothing from it: they import the
+    ClientApp by name."""
+    main = sys.modules.get("__main__")
+    if main is None:
+        yield
+        return
+    saved = {k: main.__dict__[k] for k in ("__file__", "__spec__") if k in main.__dict__}
+    main.__dict__.pop("__file__", None)
+    main.__dict__["__spec__"] = None
+    try:
+        yield
+    finally:
+        main.__dict__.pop("__spec__", None)
+        main.__dict__.update(saved)
+
+
 def _ready() -> None:
     """A no-op task: submitting one per worker makes the pool start them all."""
 
@@ -131,17 +155,22 @@ class WorkerPool:
         """Start every worker now, without waiting: their start-up (imports) then overlaps
         the coordinator's own (data, model, first evaluation) instead of round 1."""
         for _ in range(self.workers):
-            self._pool().submit(_ready)
+            self._submit(_ready)
 
     def submit(self, batch: Sequence[Job]) -> cf.Future:
         """Run ``batch`` on a worker; the future's result is :func:`run_batch`'s."""
         try:
-            future = self._pool().submit(run_batch, list(batch))
+            future = self._submit(run_batch, list(batch))
         except cf.process.BrokenProcessPool:
             self.close(wait=False)
-            future = self._pool().submit(run_batch, list(batch))
+            future = self._submit(run_batch, list(batch))
         self._current.add(future)
         return future
+
+    def _submit(self, fn: Callable[..., Any], *args: Any) -> cf.Future:
+        # The pool starts its workers inside submit(), in this thread.
+        with _main_not_inherited():
+            return self._pool().submit(fn, *args)
 
     def broken(self, future: cf.Future) -> None:
         """``future`` failed because a worker died: if its pool is the current one, drop it,

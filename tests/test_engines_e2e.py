@@ -62,6 +62,25 @@ def test_a_population_larger_than_its_data_on_the_local_engine(tmp_path):
     assert rows[-1]["failed"] == 0
 
 
+def test_a_script_without_a_main_guard_runs_once(tmp_path):
+    """``fleetfl.simulate`` at a script's top level: the workers must not run the script again
+    (``multiprocessing`` would, as ``__mp_main__``), and the script's ``__file__`` survives."""
+    script = tmp_path / "run.py"
+    script.write_text(
+        "import fleetfl\n"
+        "print('top level')\n"
+        "s = fleetfl.simulate({'federation': {'num_clients': 4, 'clients_per_round': 2,\n"
+        "                                     'rounds': 2},\n"
+        "                      'task': {'name': 'digits', 'params': {'model': 'logreg'}},\n"
+        "                      'output': {'dir': 'out', 'plot': False, 'progress': False}})\n"
+        "print('file', __file__ == " + repr(str(script)) + ", s['rounds'], s['failed_total'])\n")
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("top level") == 1
+    assert "file True 2 0" in proc.stdout
+
+
 @pytest.mark.parametrize("fed, key", [
     ({"num_clients": 10, "data_partitions": 11}, "federation.data_partitions"),
     ({"num_clients": 10, "data_partitions": -1}, "federation.data_partitions"),
