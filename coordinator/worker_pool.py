@@ -109,7 +109,7 @@ def split_batches(jobs: Sequence[Job], workers: int,
 @contextlib.contextmanager
 def _main_not_inherited() -> Iterator[None]:
     """While workers start: hide the caller's main script from ``multiprocessing``, which would
-    otherwise run it again in every worker (as ``__mp_main__``), so that a script calling
+    otherwise run it again in every worker (as ``__mp_main__``): a script calling
     ``fleetfl.simulate(...)`` at top level, without an ``if __name__ == "__main__":`` guard,
     would start a simulation in each worker. The workers need nothing from it: they import the
     ClientApp by name."""
