@@ -63,6 +63,9 @@ def evaluation_sets(config: Config, task: Task, model: nn.Module,
         except OSError as err:  # its data could not be read or fetched
             raise ConfigError("task.name", f"task {task.name!r} cannot load its data: "
                                            f"{err}") from None
+        if data.num_clients != fed.partitions:  # client i trains on partition i mod P
+            raise ConfigError(key, f"task {task.name!r} made {data.num_clients} clients' data "
+                                   f"partitions when asked for {fed.partitions}")
         example = data.clients[0][0].x[:2]
         check_task(config, task, model, example)
         return EvaluationSets(data.input_shape, data.num_classes, str(example.dtype), data.test,

@@ -182,3 +182,17 @@ def test_a_population_of_100000_is_arrays_and_draws_a_cohort_of_1000():
     cohort = draw_cohort(pop, 1, settings).members
     assert len({c.node_id for c in cohort}) == 1_000
     assert all(c.node_id == node_id_of(c.index) for c in cohort)
+
+
+def test_a_task_that_makes_fewer_partitions_than_asked_is_a_config_error():
+    from fleetfl.coordinator.central_eval import evaluation_sets
+    from fleetfl.tasks.builtin import DigitsTask
+
+    class Short(DigitsTask):
+        def federated_data(self, num_clients, seed):
+            return super().federated_data(num_clients - 1, seed)
+
+    task = Short(model="logreg")
+    config = from_dict({"federation": {"num_clients": 6, "clients_per_round": 3}})
+    with pytest.raises(ConfigError, match=r"federation\.num_clients.*made 5 .*asked for 6"):
+        evaluation_sets(config, task, task.build_model(0), deployed=False)
