@@ -16,9 +16,9 @@ What it does not do, compared with Flower's simulation engine (``flwr.simulation
   population of 100,000 costs nothing until its devices are sampled;
 * no Ray: one machine only. ``federation.engine = "ray"`` is the way out to a cluster.
 
-Messages to a node are served in the order pushed; a node's context is updated when its reply
-arrives (as Flower's engine does), also for a reply that came after ``send_and_receive``'s
-timeout, which is then dropped.
+A node's context is updated when its reply arrives (as Flower's engine does), also for a reply
+that came after ``send_and_receive``'s timeout, which is then dropped. A message goes out with
+the node's context as it is when pushed: the strategy sends a node one message per exchange.
 """
 
 from __future__ import annotations
@@ -49,12 +49,12 @@ PARTITION_ID, NUM_PARTITIONS = "partition-id", "num-partitions"  # Flower's node
 
 
 def node_id_of(index: int) -> int:
-    """The node id of population member ``index`` (its data partition)."""
+    """The node id of population member ``index`` (Flower's ``partition-id`` of the node)."""
     return FIRST_NODE_ID + index
 
 
 def index_of(node_id: int) -> int:
-    """The population index (data partition) of ``node_id``; inverse of :func:`node_id_of`."""
+    """The population index of ``node_id``; inverse of :func:`node_id_of`."""
     return node_id - FIRST_NODE_ID
 
 
