@@ -63,7 +63,9 @@ def _start_worker(ref: str, threads: int, preload: tuple[str, ...] = ()) -> None
     modules its handlers import on first use) once. Ctrl-C is the driver's to handle: it
     stops the pool (a worker interrupted mid-batch would only print a traceback)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+    from fleetfl.client.daemon import THREAD_VARS
+
+    for var in THREAD_VARS:
         os.environ[var] = str(threads)
     global _app
     _app = load_app(ref)

@@ -28,7 +28,7 @@ import functools
 import io
 import json
 import pickle
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -72,6 +72,14 @@ def read_mapping(path: str | Path) -> dict[Any, Any]:
     return {k: data[k] for k in sorted(data, key=_client_order)}
 
 
+def _entries(path: Path) -> Iterator[tuple[Any, Mapping[str, Any]]]:
+    """``(client_id, entry)`` of a trace file, in client-id order; each entry must be a mapping."""
+    for client, entry in read_mapping(path).items():
+        if not isinstance(entry, Mapping):
+            raise TraceError(f"{path}: client {client}: an entry is a mapping")
+        yield client, entry
+
+
 def _client_order(key: Any) -> tuple[int, Any]:
     # Integer ids in numeric order (FedScale's are ints; JSON makes them strings).
     text = str(key)
@@ -101,9 +109,7 @@ class CapacityTrace:
         """Read FedScale's ``client_device_capacity`` format (raises :class:`TraceError`)."""
         path = Path(path)
         ms, kbps = [], []
-        for client, entry in read_mapping(path).items():
-            if not isinstance(entry, Mapping):
-                raise TraceError(f"{path}: client {client}: an entry is a mapping")
+        for client, entry in _entries(path):
             ms.append(_positive(path, client, "computation", entry.get("computation")))
             kbps.append(_positive(path, client, "communication", entry.get("communication")))
         return cls(np.array(ms), np.array(kbps))
@@ -136,9 +142,7 @@ class AvailabilityTrace:
         """Read FedScale's ``client_behave_trace`` format (raises :class:`TraceError`)."""
         path = Path(path)
         starts, ends, periods = [], [], []
-        for client, entry in read_mapping(path).items():
-            if not isinstance(entry, Mapping):
-                raise TraceError(f"{path}: client {client}: an entry is a mapping")
+        for client, entry in _entries(path):
             period = _positive(path, client, "finish_time", entry.get("finish_time"))
             a, b = _windows(path, client, entry.get("active"), entry.get("inactive"))
             starts.append(a)
