@@ -82,7 +82,8 @@ def query(msg: Message, context: Context, task: Task | None = None) -> Message:
 
 def secagg(msg: Message, context: Context) -> Message:
     """Stages 1, 2 and 4 of secure aggregation (keys, shares, unmasking); see client/secure.py."""
-    record = secure.answer(msg.content[P.SECAGG], context)
+    record = secure.answer(msg.content[P.SECAGG], context,
+                           msg.content.config_records.get(P.SECAGG_SETUP))
     return Message(RecordDict({P.SECAGG: record}), reply_to=msg)
 
 

@@ -105,8 +105,9 @@ def _reply(msg: Message, context: Context, local: LocalTask, received: ReceivedM
         q, tail = quantize_update(weights, received, **quantization)  # type: ignore[arg-type]
         tail = tail.clamped(secure.TAIL_COUNT_MAX)
         vector = secure.secure_vector(kept_values(q, received.masks), tail)
-        masked = secure.masked_update(request, vector, context)
-        reply = RecordDict({P.SECAGG: masked, P.METRICS: MetricRecord(metrics)})
+        ahead = P.SECAGG_AHEAD in msg.content.config_records
+        records = secure.masked_update(request, vector, context, ahead=ahead)
+        reply = RecordDict({**records, P.METRICS: MetricRecord(metrics)})
         return Message(reply, reply_to=msg)
     blob, tail = pack_update(weights, received, bits=int(cfg["compression.update_bits"]),
                              entropy_coding=bool(cfg["compression.entropy_coding"]),

@@ -318,6 +318,8 @@ class SecAggConfig:
                                       "coordinator and still not learn one client's update")
     dropout_fraction: float = _f(0.3, "fraction of the cohort that may drop out mid-round and "
                                       "the round still completes")
+    keys_ahead: bool = _f(True, "clients advertise their next round's keys on their training "
+                                "reply, so a returning client skips the advertise exchange")
 
     def check(self) -> None:
         _at_least("secagg.num_neighbours", self.num_neighbours, 0)

@@ -265,7 +265,7 @@ def _strategy(config: Config, **kwargs: Any) -> FleetFedProx:
                           corrupt_fraction=sec.corrupt_fraction,
                           dropout_fraction=sec.dropout_fraction)
     return SecureFleetFedProx(secagg=params, timeout_s=config.federation.round_timeout_s,
-                              **kwargs)
+                              keys_ahead=sec.keys_ahead, **kwargs)
 
 
 def _resume(store: RoundStore | None, config: Config, model: torch.nn.Module,

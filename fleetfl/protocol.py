@@ -69,6 +69,11 @@ UPDATE_WEIGHT = "update-weight"
 # Secure aggregation (docs/secagg.md): the SecAgg+ message of the stage, as a ConfigRecord.
 SECAGG = "secagg"
 SECAGG_QUERY = "query.secagg"  # message type of stages 1, 2 and 4; stage 3 rides on "train"
+# Keys ahead (docs/secagg.md §7): in a train message, an empty record asking the client to
+# advertise its next round's keys; in its reply, the KeysAhead. In a stage-2 query, the Setup
+# of a client whose keys were advertised ahead.
+SECAGG_AHEAD = "secagg.ahead"
+SECAGG_SETUP = "secagg.setup"
 
 # The memory plan inside a train config (spelled in fleetfl.devices.memory_planner, which the
 # coordinator and clients both use to write and read them).

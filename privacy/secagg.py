@@ -26,6 +26,12 @@ party, or forged by a node outside the cohort fails a check that names the sende
 (:class:`SecAggRejected`); the coordinator then goes on without that client where the protocol
 allows (it counts as a dropout at that stage).
 
+**Keys ahead.** A client may advertise the key pairs of its next round early, in a
+:class:`KeysAhead` riding on its masked input. In that next round the coordinator sends it the
+:class:`Setup` together with its :class:`ShareKeysRequest`, and the advertise exchange is
+skipped for it: a returning cohort needs three exchanges, not four. Nothing is reused: a pair
+still serves exactly one round, and every key of that round is salted with its Setup.
+
 Messages convert to bytes (:meth:`Message.to_bytes`, canonical, what the tag covers and what
 the byte accounting counts) and to a flat ``dict`` of ints, bytes and lists
 (:meth:`Message.to_config`) that fits a Flower ``ConfigRecord`` as it is.
@@ -394,9 +400,25 @@ class UnmaskShares(Message):
     key_shares: dict[int, bytes]
 
 
+@dataclass(frozen=True, kw_only=True)
+class KeysAhead(Message):
+    """Client -> coordinator, riding on its :class:`MaskedInput`: two fresh X25519 public keys
+    for the client's *next* secure round, advertised in advance (fields as in
+    :class:`AdvertiseKeys`). That round then needs no advertise exchange with this client: its
+    :class:`ShareKeysRequest` travels with the :class:`Setup`. Tagged with this round's channel
+    key. Each pair serves at most one later round; both sides forget it once used, and the
+    client forgets it when a round starts without it (docs/secagg.md §7)."""
+
+    TYPE: ClassVar[int] = 9
+    STAGE: ClassVar[Stage] = Stage.MASKED_INPUT
+    enc_key: bytes
+    mask_key: bytes
+
+
 MESSAGE_TYPES: dict[int, type[Message]] = {
     cls.TYPE: cls for cls in (Setup, AdvertiseKeys, ShareKeysRequest, ShareKeys,
-                               MaskedInputRequest, MaskedInput, UnmaskRequest, UnmaskShares)}
+                               MaskedInputRequest, MaskedInput, UnmaskRequest, UnmaskShares,
+                               KeysAhead)}
 
 
 def parse(expected: type[M], raw: M | bytes | Mapping[str, Any]) -> M:

@@ -8,6 +8,11 @@ type, for a transport that only sees records. Between messages a Flower ClientAp
 client in ``context.state`` with :meth:`~SecAggClient.to_state` / :meth:`~SecAggClient.from_state`
 (bytes, holding the round's private keys: the device's own memory, never sent).
 
+Keys ahead: after its masked input a client may make the key pairs of its next round
+(:meth:`~SecAggClient.keys_ahead`, advertised on the same reply); that round then starts with
+:meth:`SecAggClient.with_keys_ahead` (the Setup arrives with the share-keys request) instead of
+:meth:`~SecAggClient.advertise_keys`.
+
 The masked input is ``y = x + PRG(b) + Σ_{v > u} PRG(s_uv) - Σ_{v < u} PRG(s_uv) mod 2^bits``
 (Bell et al.'s double masking): ``b`` a fresh 32-byte self-mask seed, ``s_uv`` the seed agreed
 with neighbour ``v`` from the two mask keys, every PRG a ChaCha20 keystream. Pairwise masks
@@ -33,6 +38,7 @@ from fleetfl.privacy.secagg import (
     PROTOCOL_VERSION,
     SERVER_ID,
     AdvertiseKeys,
+    KeysAhead,
     MaskedInput,
     MaskedInputRequest,
     Message,
@@ -76,6 +82,17 @@ class _State(Message):
     held: dict[int, bytes]  # neighbour -> its (seed, mask key) shares held for it
     masked_with: tuple[int, ...]
     seed: bytes  # self-mask seed, erased after masking
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Ahead(Message):
+    """The private halves of a :class:`KeysAhead`, kept by the client until the round that uses
+    them (``round`` is the round they were advertised in)."""
+
+    TYPE = 101
+    STAGE = Stage.MASKED_INPUT
+    enc_private: bytes
+    mask_private: bytes
 
 
 def majority_threshold(num_neighbours: int) -> int:
@@ -124,18 +141,55 @@ class SecAggClient:
         setup = self._parse(Setup, setup, Stage.ADVERTISE_KEYS)
         with self.stats.timed(Stage.ADVERTISE_KEYS):
             self._expect(0, "advertise_keys")
-            self._check_setup(setup)
-            self._setup, self._salt = setup, transcript(setup)
-            self._neighbours = neighbours_of(setup.cohort, setup.num_neighbours,
-                                             setup.graph_seed, self.node_id)
-            self._enc = KeyPair.generate(self._random)
-            self._mask = KeyPair.generate(self._random)
-            secret = self._agree(self._enc, setup.server_key, SERVER_ID, Stage.ADVERTISE_KEYS)
-            self._channel = channel_key(secret, self._salt, self.node_id)
+            self._begin(setup, KeyPair.generate(self._random), KeyPair.generate(self._random))
+            assert self._enc is not None and self._mask is not None
             reply = AdvertiseKeys(round=setup.round, sender=self.node_id, receiver=SERVER_ID,
                                   enc_key=self._enc.public, mask_key=self._mask.public)
-            self._done = Stage.ADVERTISE_KEYS
             return self._send(reply, setup, Stage.ADVERTISE_KEYS)
+
+    @classmethod
+    def with_keys_ahead(cls, node_id: int, setup: Setup | bytes | Mapping[str, Any],
+                        ahead: bytes, *, min_threshold: int = 2,
+                        random_bytes: RandomBytes = os.urandom) -> SecAggClient:
+        """Stage 1 done in advance: check ``setup`` and take the key pairs this client
+        advertised in an earlier round (``ahead``: the bytes :meth:`keys_ahead` returned). No
+        reply: the coordinator already has the public keys. :meth:`share_keys` comes next.
+
+        Raises :class:`SecAggRejected` for a bad Setup, or keys not made by this node in an
+        earlier round (a coordinator must not get one pair used twice).
+        """
+        client = cls(node_id, min_threshold=min_threshold, random_bytes=random_bytes)
+        setup = client._parse(Setup, setup, Stage.ADVERTISE_KEYS)
+        with client.stats.timed(Stage.ADVERTISE_KEYS):
+            try:
+                saved = _Ahead.from_bytes(ahead)
+            except ValueError as err:
+                raise SecAggStateError(f"node {node_id}: unreadable keys ahead: {err}") from None
+            if saved.sender != node_id or not saved.round < setup.round:
+                client._refuse(Stage.ADVERTISE_KEYS, f"keys made by node {saved.sender} in "
+                                                     f"round {saved.round} cannot serve node "
+                                                     f"{node_id} in round {setup.round}")
+            client._begin(setup, KeyPair.from_private_bytes(saved.enc_private),
+                          KeyPair.from_private_bytes(saved.mask_private))
+        client.stats.add_bytes(Stage.ADVERTISE_KEYS, down=setup.wire_size())
+        return client
+
+    def keys_ahead(self) -> tuple[KeysAhead, bytes]:
+        """Fresh key pairs for this client's next round, advertised now (after the masked
+        input, on whose reply they ride). Returns the tagged :class:`KeysAhead` and the private
+        keys as opaque bytes, for the client's own state until :meth:`with_keys_ahead`."""
+        with self.stats.timed(Stage.MASKED_INPUT):
+            if self._done < Stage.MASKED_INPUT:
+                raise SecAggStateError(f"node {self.node_id}: keys_ahead before masked_input")
+            assert self._setup is not None
+            enc, mask = KeyPair.generate(self._random), KeyPair.generate(self._random)
+            advert = KeysAhead(round=self._setup.round, sender=self.node_id,
+                               receiver=SERVER_ID, enc_key=enc.public, mask_key=mask.public)
+            signed = advert.signed(self._channel, self._random)
+            self.stats.add_bytes(Stage.ADVERTISE_KEYS, up=signed.wire_size())
+            secret = _Ahead(round=self._setup.round, sender=self.node_id, receiver=SERVER_ID,
+                            enc_private=enc.private_bytes(), mask_private=mask.private_bytes())
+            return signed, secret.to_bytes()
 
     def share_keys(self, request: ShareKeysRequest | bytes | Mapping[str, Any]) -> ShareKeys:
         """Stage 2: Shamir-share the self-mask seed and mask key, seal a share per neighbour."""
@@ -303,6 +357,17 @@ class SecAggClient:
         return client
 
     # ------------------------------------------------------------------------- checks
+
+    def _begin(self, setup: Setup, enc: KeyPair, mask: KeyPair) -> None:
+        """Stage 1 on this side: check the Setup, take the round's two key pairs."""
+        self._check_setup(setup)
+        self._setup, self._salt = setup, transcript(setup)
+        self._neighbours = neighbours_of(setup.cohort, setup.num_neighbours,
+                                         setup.graph_seed, self.node_id)
+        self._enc, self._mask = enc, mask
+        secret = self._agree(enc, setup.server_key, SERVER_ID, Stage.ADVERTISE_KEYS)
+        self._channel = channel_key(secret, self._salt, self.node_id)
+        self._done = Stage.ADVERTISE_KEYS
 
     def _parse(self, cls: type, raw: Any, stage: Stage) -> Any:
         try:

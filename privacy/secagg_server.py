@@ -5,11 +5,17 @@ bytes or its config dict; a missing node is a dropout)::
 
     server = SecAggServer(cohort, vector_length, round=r, params=SecAggParams(...))
     setup = server.setup()                               # broadcast to the cohort
+    adopted = server.adopt_keys(ahead)                   # optional: keys advertised earlier
     requests = server.share_keys_requests(replies)       # replies: AdvertiseKeys
     requests = server.masked_input_requests(replies)     # replies: ShareKeys
     requests = server.unmask_requests(replies)           # replies: MaskedInput
     result = server.finish(replies)                      # replies: UnmaskShares
     result.sum                                           # int64: Σ of the survivors' vectors
+
+**Keys ahead.** :meth:`SecAggServer.keys_ahead` checks the :class:`KeysAhead` that rode on this
+round's masked inputs; the caller keeps them for each node's next round, where
+:meth:`SecAggServer.adopt_keys` takes them in place of that node's stage-1 reply (the Setup
+then travels with its share-keys request).
 
 **Dropouts at every stage.** A client missing after advertising or sharing keys simply leaves
 the round (nobody masks with it). Then clients that would have fewer than ``t`` live holders of
@@ -46,6 +52,7 @@ from fleetfl.privacy.secagg import (
     PROTOCOL_VERSION,
     SERVER_ID,
     AdvertiseKeys,
+    KeysAhead,
     MaskedInput,
     MaskedInputRequest,
     Message,
@@ -129,6 +136,7 @@ class SecAggServer:
         self._step = _NEW
         self._channel: dict[int, bytes] = {}
         self._keys: dict[int, AdvertiseKeys] = {}
+        self._adopted: dict[int, AdvertiseKeys] = {}  # stage 1 done in an earlier round
         self._asked: dict[int, frozenset[int]] = {}  # stage-2 neighbours listed to each client
         self._commitments: dict[int, bytes] = {}
         self._masked_with: dict[int, frozenset[int]] = {}
@@ -171,12 +179,72 @@ class SecAggServer:
                              down=self._setup.wire_size() * len(self._setup.cohort))
         return self._setup
 
+    def adopt_keys(self, ahead: Mapping[int, bytes]) -> frozenset[int]:
+        """Take keys the cohort's nodes advertised in an earlier round (``{node: enc_key +
+        mask_key}``, as :meth:`keys_ahead` returned them) as their stage-1 replies.
+
+        Call after :meth:`setup`, before :meth:`share_keys_requests`. The adopted nodes get no
+        Setup exchange: their share-keys request must carry the Setup. A node outside the
+        cohort, or a key that is not a valid X25519 public key, is skipped (that node
+        advertises as usual). Returns the adopted nodes.
+        """
+        with self.stats.timed(Stage.ADVERTISE_KEYS):
+            self._expect(_SETUP_SENT, "adopt_keys")
+            for node, keys in ahead.items():
+                if node not in self._x or len(keys) != 2 * crypto.KEY_BYTES:
+                    continue
+                advert = AdvertiseKeys(round=self._setup.round, sender=node, receiver=SERVER_ID,
+                                       enc_key=keys[: crypto.KEY_BYTES],
+                                       mask_key=keys[crypto.KEY_BYTES :])
+                try:
+                    crypto.check_public_key(advert.mask_key)
+                    secret = self._key.agree(advert.enc_key)
+                except crypto.CryptoError as err:
+                    log.warning("secagg round %d: keys ahead of node %d skipped: %s",
+                                self._setup.round, node, err)
+                    continue
+                self._channel[node] = channel_key(secret, self._salt, node)
+                self._adopted[node] = advert
+            return frozenset(self._adopted)
+
+    def keys_ahead(self, replies: Mapping[int, Any]) -> dict[int, bytes]:
+        """Check the :class:`KeysAhead` that rode on this round's masked inputs.
+
+        Returns ``{node: enc_key + mask_key}`` for :meth:`adopt_keys` in the node's next round.
+        One that does not parse, is not tagged by a node of this round, or carries an invalid
+        key is logged and left out: that node will simply advertise as usual. Its masked input
+        is not affected.
+        """
+        out = {}
+        for node, raw in replies.items():
+            try:
+                msg = parse(KeysAhead, raw)
+                if node not in self._channel or msg.sender != node or \
+                        msg.receiver != SERVER_ID or msg.round != self._setup.round:
+                    raise ValueError("not from a node of this round, to the coordinator")
+                if msg.version != PROTOCOL_VERSION:
+                    raise ValueError(f"unsupported protocol version {msg.version}")
+                msg.verify(self._channel[node])
+                crypto.check_public_key(msg.enc_key)
+                crypto.check_public_key(msg.mask_key)
+            except ValueError as err:  # MessageError and CryptoError are ValueErrors
+                log.warning("secagg round %d: keys ahead of node %d ignored: %s",
+                            self._setup.round, node, err)
+                continue
+            self.stats.add_bytes(Stage.ADVERTISE_KEYS, up=msg.wire_size())
+            out[node] = msg.enc_key + msg.mask_key
+        return out
+
     def share_keys_requests(self, replies: Mapping[int, Any]) -> dict[int, ShareKeysRequest]:
-        """Take :class:`AdvertiseKeys` replies; return each live client's neighbours' keys."""
+        """Take :class:`AdvertiseKeys` replies (from the nodes not adopted, see
+        :meth:`adopt_keys`); return each live client's neighbours' keys."""
         with self.stats.timed(Stage.ADVERTISE_KEYS):
             self._expect(_SETUP_SENT, "share_keys_requests")
             stage = Stage.ADVERTISE_KEYS
-            adverts = self._receive(AdvertiseKeys, replies, set(self._setup.cohort), stage)
+            expected = set(self._setup.cohort) - set(self._adopted)
+            adverts = self._receive(AdvertiseKeys, replies, expected, stage)
+            adverts.update({node: advert for node, advert in self._adopted.items()
+                            if node not in self.dropped})  # one that also replied misbehaved
             for node in self._duplicate_keys(adverts):
                 self._reject(SecAggRejected(node, stage, "public key repeats another's"))
                 del adverts[node]

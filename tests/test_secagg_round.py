@@ -139,3 +139,38 @@ def test_kept_values_scatter_back_in_order() -> None:
     np.testing.assert_array_equal(dense["a"], [[0, 0], [0, 1]])
     np.testing.assert_array_equal(dense["b"], [2, 3, 4])
     assert transport.kept_count == 5
+
+
+def _by_round(grid: LoopbackGrid, record: str, stage_type: int) -> dict[int, set[int]]:
+    """round -> nodes sent a ``query.secagg`` whose ``record`` holds SecAgg+ type ``stage_type``."""
+    out: dict[int, set[int]] = {}
+    for m in grid.sent:
+        rec = m.content.config_records.get(record)
+        if m.metadata.message_type == P.SECAGG_QUERY and rec is not None \
+                and rec["type"] == stage_type:
+            out.setdefault(int(rec["round"]), set()).add(m.metadata.dst_node_id)
+    return out
+
+
+def test_keys_ahead_let_returning_clients_skip_the_advertise_exchange() -> None:
+    ahead, grid = _run(["secagg.enabled=true"])
+    fresh, fresh_grid = _run(["secagg.enabled=true", "secagg.keys_ahead=false"])
+    for a, b in zip(_weights(ahead), _weights(fresh), strict=True):
+        np.testing.assert_array_equal(a, b)
+    trained: dict[int, set[int]] = {}
+    for m in grid.sent:
+        if m.metadata.message_type == "train":
+            rnd = int(m.content[P.CONFIG][P.SERVER_ROUND])
+            trained.setdefault(rnd, set()).add(m.metadata.dst_node_id)
+    alone = _by_round(grid, P.SECAGG, 1)  # a Setup on its own: stage 1
+    with_setup = _by_round(grid, P.SECAGG_SETUP, 1)  # a Setup riding on stage 2
+    assert set(trained) == {1, 2, 3} and with_setup  # rounds 2-3 reuse no stage-1 exchange
+    for rnd in (2, 3):
+        before = set().union(*(trained[r] for r in range(1, rnd)))
+        cohort = alone.get(rnd, set()) | with_setup.get(rnd, set())
+        assert with_setup.get(rnd, set()) == cohort & before
+        assert alone.get(rnd, set()) == cohort - before
+    # without keys ahead every round starts with a stage-1 exchange for its whole cohort
+    assert set(_by_round(fresh_grid, P.SECAGG, 1)) == {1, 2, 3}
+    assert not _by_round(fresh_grid, P.SECAGG_SETUP, 1)
+    assert all(r["secagg_aborted"] == 0 for r in ahead.rows)
