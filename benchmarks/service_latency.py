@@ -1,7 +1,10 @@
 """Round latency of the deployed service, and how much of it is fleetfl's own.
 
     python -m benchmarks.service_latency [--clients 3 10] [--rounds 12] [--secure]
-                                         [--label current]
+                                         [--no-plain] [--ab KEY=VALUE] [--label current]
+
+``--ab KEY=VALUE`` runs every configuration twice, side by side: as configured and with that
+coordinator setting (``variant`` in each row), alternating which goes first.
 
 1. **ClientApp process costs.** Flower's default SuperNode starts a fresh ``flwr-clientapp``
    process for every message (fleetfl's device no longer does: ``client/runner.py``); the same
@@ -199,7 +202,8 @@ def _p95(values: list[float]) -> float | None:
     return sorted(values)[max(0, round(0.95 * len(values)) - 1)] if values else None
 
 
-def end_to_end(clients: int, rounds: int, root: Path, secure: bool = False) -> dict[str, Any]:
+def end_to_end(clients: int, rounds: int, root: Path, secure: bool = False,
+               extra: tuple[str, ...] = ()) -> dict[str, Any]:
     """Run the service with ``clients`` local devices; round latencies and peak memory."""
     def cli(*args: str, **kw: Any) -> subprocess.Popen[bytes]:
         return subprocess.Popen([*CLI, *args], cwd=root, start_new_session=True,
@@ -217,6 +221,7 @@ def end_to_end(clients: int, rounds: int, root: Path, secure: bool = False) -> d
             "fleet.mix={rpi4=1}", *PLAIN]
     if secure:
         sets += ["compression.update_bits=8", "secagg.enabled=true"]
+    sets += extra
     with open(root / "coordinator.log", "wb") as log:
         coord = cli("coordinator", "start", "--state", "state", "--address", f"127.0.0.1:{port}",
                     "--tls-cert", "keys/server.pem", "--tls-key", "keys/server.key",
@@ -264,7 +269,8 @@ def end_to_end(clients: int, rounds: int, root: Path, secure: bool = False) -> d
     latencies = [round(b - a, 2) for a, b in zip(walls, walls[1:], strict=False)]
     steady = latencies[:-1]  # the last round also evaluates
     return {
-        "clients": clients, "secure": secure, "rounds": len(rows), "coordinator_exit": code,
+        "clients": clients, "secure": secure, "variant": list(extra), "rounds": len(rows),
+        "coordinator_exit": code,
         "round1_s_incl_join": round(walls[0], 2) if walls else None,
         "round_latency_s": latencies,
         "round_latency_median_s": statistics.median(steady) if steady else None,
@@ -286,6 +292,8 @@ def main() -> None:
     parser.add_argument("--secure", action="store_true", help="also run int8 + SecAgg+")
     parser.add_argument("--label", default="current", help="results file suffix")
     parser.add_argument("--no-e2e", action="store_true", help="only the ClientApp process costs")
+    parser.add_argument("--no-plain", action="store_true", help="with --secure: secure only")
+    parser.add_argument("--ab", metavar="KEY=VALUE", help="also run each with this setting")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="fleetfl-bench-") as tmp:
         root = Path(tmp)
@@ -294,10 +302,16 @@ def main() -> None:
         costs = (client_process_costs(root / "probe" / "client-0.npz", args.repeats)
                  if args.repeats > 0 else None)
         runs = []
-        for n in [] if args.no_e2e else args.clients:
-            for secure in (False, True) if args.secure else (False,):
-                (root / f"n{n}-{secure}").mkdir()
-                runs.append(end_to_end(n, args.rounds, root / f"n{n}-{secure}", secure))
+        kinds = [False, True] if args.secure else [False]
+        if args.secure and args.no_plain:
+            kinds = [True]
+        variants: list[tuple[str, ...]] = [(), (args.ab,)] if args.ab else [()]
+        for i, (n, secure) in enumerate((n, s) for n in ([] if args.no_e2e else args.clients)
+                                        for s in kinds):
+            for j, extra in enumerate(variants if i % 2 == 0 else variants[::-1]):
+                where = root / f"n{n}-{secure}-{i}-{j}"
+                where.mkdir()
+                runs.append(end_to_end(n, args.rounds, where, secure, extra))
     emit(f"service_latency_{args.label}", {"client_process": costs, "end_to_end": runs})
 
 
