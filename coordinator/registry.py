@@ -46,15 +46,26 @@ class FleetTooSmall(RuntimeError):
     """Fewer devices than ``federation.min_clients`` registered within the wait."""
 
 
+RETRY_FIRST_S = 30.0  # a node that failed to register is asked again after this many seconds,
+RETRY_MAX_S = 300.0  # doubling each time up to this: a device can be fixed and come back
+
+
 class FleetRegistry:
-    """Registers nodes as they appear; a node that fails to register is retried next time."""
+    """Registers nodes as they appear. A node that fails to register (an error reply, a reply
+    that does not parse, or none in time) is asked again after :data:`RETRY_FIRST_S` seconds,
+    then twice as long each time up to :data:`RETRY_MAX_S`: a broken device must not cost a
+    query, and a log line, every round or every poll while the coordinator waits for devices.
+    """
 
     def __init__(self, register_config: ConfigRecord, timeout_s: float,
-                 max_examples: int = 1_000_000) -> None:
+                 max_examples: int = 1_000_000,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self._config = register_config
         self._timeout_s = timeout_s
         self._max_examples = max_examples
+        self._clock = clock
         self._clients: dict[int, ClientInfo] = {}
+        self._retry: dict[int, tuple[float, float]] = {}  # node -> (ask again at, backoff s)
 
     @property
     def clients(self) -> list[ClientInfo]:
@@ -94,29 +105,38 @@ class FleetRegistry:
             self.refresh(grid)
 
     def refresh(self, grid: Grid) -> None:
-        """Forget nodes that left; query every connected node not yet registered."""
-        connected = list(grid.get_node_ids())
-        gone = set(self._clients) - set(connected)
-        for node in gone:
+        """Forget nodes that left; query every connected node not yet registered (except
+        those whose last attempt failed less than their backoff ago)."""
+        connected = set(grid.get_node_ids())
+        for node in set(self._clients) - connected:
             log.info("node %d left; it is no longer sampled", node)
             del self._clients[node]
-        new = [n for n in connected if n not in self._clients]
+        for node in set(self._retry) - connected:
+            del self._retry[node]
+        now = self._clock()
+        new = sorted(n for n in connected
+                     if n not in self._clients and self._retry.get(n, (now, 0.0))[0] <= now)
         if not new:
             return
         cfg = ConfigRecord(dict(self._config))
         cfg[P.OP] = P.OP_REGISTER
         content = RecordDict({P.CONFIG: cfg})
         messages = [Message(content, dst_node_id=n, message_type=MessageType.QUERY) for n in new]
+        asked, answered = set(new), set()
         for reply in grid.send_and_receive(messages, timeout=self._timeout_s):
             node = reply.metadata.src_node_id
+            if node not in asked or node in answered:
+                continue  # not asked, or a second reply: not this node's registration
+            answered.add(node)
             if reply.has_error():
-                log.warning("node %d failed to register: %s", node, reply.error.reason)
+                self._failed(node, f"failed to register: {reply.error.reason}")
                 continue
             try:
                 info = parse_registration(node, reply.content[P.CONFIG])
             except Exception as err:  # noqa: BLE001 - whatever a node sends refuses only it
-                log.warning("node %d refused: invalid registration: %s", node, err)
+                self._failed(node, f"refused: invalid registration: {err}")
                 continue
+            self._retry.pop(node, None)
             if info.num_examples > self._max_examples:
                 log.warning("node %d claims %d examples; counted as %d "
                             "(federation.max_examples_per_client)", node, info.num_examples,
@@ -127,6 +147,15 @@ class FleetRegistry:
                          "resident before training", node, info.index, info.device.name,
                          info.num_examples, info.runtime_bytes / 2**20)
             self._clients[node] = info
+        for node in asked - answered:
+            self._failed(node, f"sent no registration within {self._timeout_s:g} s")
+
+    def _failed(self, node: int, why: str) -> None:
+        """Log a failed registration and schedule the next attempt (doubling backoff)."""
+        backoff = min(RETRY_MAX_S, 2 * self._retry[node][1]) if node in self._retry \
+            else RETRY_FIRST_S
+        self._retry[node] = (self._clock() + backoff, backoff)
+        log.warning("node %d %s; asking it again in %.0f s", node, why, backoff)
 
 
 MAX_CLIENT_INDEX = 2**31 - 1
