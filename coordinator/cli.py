@@ -59,9 +59,10 @@ def _command_modules() -> list[Any]:
         keys_cmd,
         schedule_cmd,
         service_cmd,
+        traces_cmd,
     )
 
-    return [service_cmd, client_cmd, data_cmd, keys_cmd, export_cmd, schedule_cmd]
+    return [service_cmd, client_cmd, data_cmd, keys_cmd, export_cmd, schedule_cmd, traces_cmd]
 
 
 # Top-level modules of the [coordinator] extra (a device install has none of them).
@@ -71,7 +72,7 @@ _COORDINATOR_EXTRA = ("ray", "sklearn", "scipy", "matplotlib", "rich", "onnx", "
 # Sub-command name -> module (export_cmd registers two commands).
 _RUNNERS = {"coordinator": "service_cmd", "client": "client_cmd", "data": "data_cmd",
             "keys": "keys_cmd", "export": "export_cmd", "evaluate": "export_cmd",
-            "schedule": "schedule_cmd"}
+            "schedule": "schedule_cmd", "traces": "traces_cmd"}
 
 
 def _simulate(args: argparse.Namespace) -> int:
