@@ -5,7 +5,10 @@ round, 30 rounds) ``--repeats`` times in fresh processes. ``wall_time_s`` is the
 itself as summary.json reports it (Ray start-up included); ``process_wall_time_s`` adds Python
 and package imports.
 
-    python -m benchmarks.demo [--repeats 3]
+    python -m benchmarks.demo [--repeats 3] [--ab KEY=VALUE] [--label demo]
+
+``--ab KEY=VALUE`` also runs the demo with that setting, alternating the two (A B, B A, ...), and
+reports both medians side by side (``variants``).
 """
 
 from __future__ import annotations
@@ -21,17 +24,29 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path("runs/bench/demo"))
+    parser.add_argument("--ab", metavar="KEY=VALUE", help="also run with this setting")
+    parser.add_argument("--label", default="demo", help="results file name")
     args = parser.parse_args()
-    runs = [simulate([], args.out / f"rep{i}")[0] for i in range(args.repeats)]
+    variants: list[list[str]] = [[], [args.ab]] if args.ab else [[]]
+    runs: dict[int, list[dict]] = {v: [] for v in range(len(variants))}
+    for i in range(args.repeats):
+        for v in (range(len(variants)) if i % 2 == 0 else reversed(range(len(variants)))):
+            runs[v].append(simulate(variants[v], args.out / f"v{v}-rep{i}")[0])
     keys = ("final_accuracy", "best_accuracy", "wall_time_s", "process_wall_time_s",
             "simulated_time_s", "uplink_bytes_per_client_round", "compression_ratio_uplink",
             "client_rounds", "unfit_total")
-    emit("demo", {
+
+    def summary(rows: list[dict]) -> dict:
+        return {"runs": [{**{k: r[k] for k in keys}, "uplink_breakdown": r["uplink_breakdown"]}
+                         for r in rows],
+                "median": {k: statistics.median(r[k] for r in rows) for k in keys}}
+
+    first = summary(runs[0])
+    emit(args.label, {
         "repeats": args.repeats,
-        "config": runs[0]["config"],
-        "runs": [{**{k: r[k] for k in keys}, "uplink_breakdown": r["uplink_breakdown"]}
-                 for r in runs],
-        "median": {k: statistics.median(r[k] for r in runs) for k in keys},
+        "config": runs[0][0]["config"],
+        **first,
+        "variants": [{"overrides": variants[v], **summary(runs[v])} for v in runs],
     })
 
 
