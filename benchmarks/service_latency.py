@@ -2,6 +2,7 @@
 
     python -m benchmarks.service_latency [--clients 3 10] [--rounds 12] [--secure]
                                          [--no-plain] [--ab KEY=VALUE] [--label current]
+                                         [--memory-limit-mib MIB ...]
 
 ``--ab KEY=VALUE`` runs every configuration twice, side by side: as configured and with that
 coordinator setting (``variant`` in each row), alternating which goes first.
@@ -43,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import PLAIN, emit
+from benchmarks.memory_cgroup import MemoryGroup
 from fleetfl.client.daemon import free_port
 
 CLI = shlex.split(os.environ.get("FLEETFL_CLI", f"{sys.executable} -m fleetfl.coordinator.cli"))
@@ -203,7 +205,7 @@ def _p95(values: list[float]) -> float | None:
 
 
 def end_to_end(clients: int, rounds: int, root: Path, secure: bool = False,
-               extra: tuple[str, ...] = ()) -> dict[str, Any]:
+               extra: tuple[str, ...] = (), limit_mib: int | None = None) -> dict[str, Any]:
     """Run the service with ``clients`` local devices; round latencies and peak memory."""
     def cli(*args: str, **kw: Any) -> subprocess.Popen[bytes]:
         return subprocess.Popen([*CLI, *args], cwd=root, start_new_session=True,
@@ -241,7 +243,7 @@ def end_to_end(clients: int, rounds: int, root: Path, secure: bool = False,
     sampler.start()
     registered = Registered([root / f"client-{i}.log" for i in range(clients)])
     registered.start()
-    devices = []
+    devices, groups = [], []
     for i in range(clients):
         with open(root / f"client-{i}.log", "wb") as log:
             devices.append(cli("client", "start", "--coordinator", f"127.0.0.1:{port}",
@@ -250,6 +252,9 @@ def end_to_end(clients: int, rounds: int, root: Path, secure: bool = False,
                                "--device", str(root / "device.json"),
                                "--workdir", str(root / f"work-{i}"), stdout=log,
                                stderr=subprocess.STDOUT))
+        if limit_mib is not None:  # the device's whole tree (supervisor, SuperNode) under it
+            groups.append(MemoryGroup(limit_mib * 2**20))
+            groups[-1].add(devices[-1].pid)
     try:
         code = coord.wait(3600)
     finally:
@@ -263,6 +268,9 @@ def end_to_end(clients: int, rounds: int, root: Path, secure: bool = False,
                 proc.wait(30)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
+    cgroups = [group.stats() for group in groups]
+    for group in groups:
+        group.remove()
     rows = [json.loads(line) for line in
             (root / "state" / "rounds" / "metrics.jsonl").read_text().splitlines()]
     walls = [r["wall_time_s"] for r in rows]
@@ -279,6 +287,7 @@ def end_to_end(clients: int, rounds: int, root: Path, secure: bool = False,
         "final_accuracy": rows[-1]["accuracy"] if rows else None,
         "failed_client_rounds": sum(r["failed"] for r in rows),
         "peak_rss_bytes": sampler.peak,
+        "memory_limit_mib": limit_mib, "device_cgroups": cgroups,
         # The machine is shared: the 1-minute load average before and after the run.
         "load_average": [round(load_before, 1), round(os.getloadavg()[0], 1)],
     }
@@ -294,6 +303,9 @@ def main() -> None:
     parser.add_argument("--no-e2e", action="store_true", help="only the ClientApp process costs")
     parser.add_argument("--no-plain", action="store_true", help="with --secure: secure only")
     parser.add_argument("--ab", metavar="KEY=VALUE", help="also run each with this setting")
+    parser.add_argument("--memory-limit-mib", type=int, nargs="+", metavar="MIB",
+                        help="run each device in a memory cgroup of this limit (one run per "
+                             "limit; needs root and cgroup v1)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="fleetfl-bench-") as tmp:
         root = Path(tmp)
@@ -309,9 +321,10 @@ def main() -> None:
         for i, (n, secure) in enumerate((n, s) for n in ([] if args.no_e2e else args.clients)
                                         for s in kinds):
             for j, extra in enumerate(variants if i % 2 == 0 else variants[::-1]):
-                where = root / f"n{n}-{secure}-{i}-{j}"
-                where.mkdir()
-                runs.append(end_to_end(n, args.rounds, where, secure, extra))
+                for limit in args.memory_limit_mib or [None]:
+                    where = root / f"n{n}-{secure}-{i}-{j}-{limit}"
+                    where.mkdir()
+                    runs.append(end_to_end(n, args.rounds, where, secure, extra, limit))
     emit(f"service_latency_{args.label}", {"client_process": costs, "end_to_end": runs})
 
 

@@ -10,6 +10,7 @@ No library reads this (``psutil`` does not); the two file formats are the kernel
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
@@ -45,3 +46,18 @@ def _read(path: Path) -> int | None:
     except OSError:
         return None
     return int(text) if text.isdigit() else None
+
+
+def writable_memory_cgroup() -> Path | None:
+    """This process's cgroup v1 memory directory, if this process may make a child group in
+    it (root, a delegated hierarchy): tests and benchmarks put a device under a limit there."""
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+        if "memory" in controllers.split(","):
+            here = CGROUP_ROOT / "memory" / path.lstrip("/")
+            return here if os.access(here, os.W_OK) else None
+    return None

@@ -9,7 +9,6 @@ training, a plan its profile would allow but the cgroup would kill.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -20,7 +19,7 @@ import numpy as np
 import pytest
 
 from fleetfl import protocol as P
-from fleetfl.devices.cgroup import CGROUP_ROOT, cgroup_memory_limit
+from fleetfl.devices.cgroup import cgroup_memory_limit, writable_memory_cgroup
 from fleetfl.devices.memory_planner import MIB, check_plan
 from fleetfl.devices.memory_stats import training_memory_stats
 from fleetfl.devices.profiles import get_profile
@@ -75,24 +74,10 @@ print(json.dumps(out))
 """
 
 
-def _memory_cgroup() -> Path | None:
-    """This process's cgroup v1 memory directory if we may make a child in it."""
-    try:
-        lines = Path("/proc/self/cgroup").read_text().splitlines()
-    except OSError:
-        return None
-    for line in lines:
-        _, controllers, path = (line.split(":", 2) + ["", ""])[:3]
-        if "memory" in controllers.split(","):
-            here = CGROUP_ROOT / "memory" / path.lstrip("/")
-            return here if os.access(here, os.W_OK) else None
-    return None
-
-
 @pytest.mark.e2e
 def test_a_device_in_a_cgroup_trains_what_fits_and_refuses_what_the_limit_would_kill(
         tmp_path: Path) -> None:
-    parent = _memory_cgroup()
+    parent = writable_memory_cgroup()
     if parent is None:
         pytest.skip("no writable cgroup v1 memory controller here (needs root)")
     group = parent / f"fleetfl-test-{uuid.uuid4().hex[:8]}"
