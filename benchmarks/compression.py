@@ -102,6 +102,15 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "x:p90-start10": ("90% pruned + int8, pruning from round 10 to 30",
                       _pruned(0.9, "compression.prune_start_round=10",
                               "compression.prune_end_round=30")),
+    "x:p80-start10-end40": ("80% pruned + int8, pruning from round 10 to 40",
+                            _pruned(0.8, "compression.prune_start_round=10",
+                                    "compression.prune_end_round=40")),
+    "x:p85-start10": ("85% pruned + int8, pruning from round 10 to 30",
+                      _pruned(0.85, "compression.prune_start_round=10",
+                              "compression.prune_end_round=30")),
+    "x:p80-start15-end40": ("80% pruned + int8, pruning from round 15 to 40",
+                            _pruned(0.8, "compression.prune_start_round=15",
+                                    "compression.prune_end_round=40")),
 }
 DEFAULT_VARIANTS = ["dense", "int8", "p50", "p60", "p65", "p70", "p75", "p90"]
 BASELINE = "dense"
