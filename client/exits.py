@@ -9,7 +9,10 @@ certificate error, a refused key, an unreachable address), then the logged exit 
 from __future__ import annotations
 
 import re
+import signal
 from collections.abc import Sequence
+
+from fleetfl.devices.cgroup import cgroup_memory_limit
 
 # (pattern in the SuperNode's last output lines, explanation); the first match wins.
 _CAUSES: tuple[tuple[re.Pattern[str], str], ...] = tuple(
@@ -52,6 +55,8 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 def explain_exit(status: int | None, tail: Sequence[str], coordinator: str,
                  ca: str = "") -> str:
     """One sentence on why the SuperNode exited with ``status`` after printing ``tail``."""
+    if status == -signal.SIGKILL:  # Flower never does this itself; the kernel's OOM killer does
+        return _killed(cgroup_memory_limit())
     lines = [_ANSI.sub("", line).strip() for line in tail[-40:]]
     text = "\n".join(lines)
     for pattern, why in _CAUSES:
@@ -66,3 +71,11 @@ def explain_exit(status: int | None, tail: Sequence[str], coordinator: str,
         return f"the SuperNode stopped with Flower exit code {codes[-1]}: {detail[:300]}"
     return (f"the SuperNode exited with status {status}; the coordinator may be restarting "
             f"(its output is above)")
+
+
+def _killed(limit_bytes: int | None) -> str:
+    where = (f"its memory limit (this process's cgroup: {limit_bytes / 2**20:.0f} MiB)"
+             if limit_bytes else "the device's memory")
+    return (f"the SuperNode was killed (SIGKILL), most likely by the kernel's out-of-memory "
+            f"killer: torch, the model and the data did not fit in {where}; `dmesg` says "
+            f"\"Out of memory\" if so. Give it more memory, or stop other programs")

@@ -148,7 +148,7 @@ class FleetRegistry:
                          info.num_examples, info.runtime_bytes / 2**20)
             self._clients[node] = info
         for node in asked - answered:
-            self._failed(node, f"sent no registration within {self._timeout_s:g} s")
+            self._failed(node, f"sent no registration reply (waited up to {self._timeout_s:g} s)")
 
     def _failed(self, node: int, why: str) -> None:
         """Log a failed registration and schedule the next attempt (doubling backoff)."""

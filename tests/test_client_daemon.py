@@ -45,6 +45,14 @@ def test_a_supernode_exit_is_explained(tail: list[str], says: str) -> None:
     assert says in explain_exit(3, tail, "h:9", "ca.pem")
 
 
+def test_a_supernode_killed_by_the_kernel_is_explained_as_out_of_memory() -> None:
+    # As seen under a 230 MiB cgroup: the tail even has an old connection retry in it.
+    tail = ["WARNING :   Connection attempt failed, retrying in 0.54 seconds\n",
+            "INFO :      SuperNode ID: 13510500850636462640\n"]
+    said = explain_exit(-9, tail, "h:9", "ca.pem")
+    assert "out-of-memory" in said and "cannot reach" not in said
+
+
 def test_clients_sharing_a_host_get_their_own_work_directory(tmp_path: Path) -> None:
     a, b = default_workdir(tmp_path / "a" / "shard.npz"), default_workdir(tmp_path / "shard.npz")
     assert a != b and a.name.startswith("shard-")
