@@ -72,14 +72,15 @@ def out_of_range_secure_inputs(nodes: set[int], value: int, from_call: int = 1
     def lenient_embed(x: np.ndarray, bits: int, max_abs: int) -> np.ndarray:
         return honest_embed(x, bits, (1 << (bits - 1)) - 1)
 
-    def lying_masked(request: ConfigRecord, vector: np.ndarray, context) -> ConfigRecord:
+    def lying_masked(request: ConfigRecord, vector: np.ndarray, context,
+                     ahead: bool = False) -> dict[str, ConfigRecord]:
         if int(context.node_id) in nodes:
             calls = context.state.config_records.setdefault("liar", ConfigRecord({"n": 0}))
             calls["n"] = int(calls["n"]) + 1
             if int(calls["n"]) >= from_call:
                 vector = vector.copy()
                 vector[:-TAIL_LEVELS] = value
-        return honest_masked(request, vector, context)
+        return honest_masked(request, vector, context, ahead)
 
     with mock.patch.object(ring, "embed", lenient_embed), \
             mock.patch.object(secure, "masked_update", lying_masked):
