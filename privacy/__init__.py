@@ -13,16 +13,23 @@ The public API of secure aggregation (see ``docs/secagg.md``):
 """
 
 from fleetfl.privacy.graph import choose_parameters
-from fleetfl.privacy.ring import bits_for_sum
-from fleetfl.privacy.secagg import (
+from fleetfl.privacy.messages import (
     MESSAGE_TYPES,
-    PROTOCOL_VERSION,
-    SERVER_ID,
     AdvertiseKeys,
     KeysAhead,
     MaskedInput,
     MaskedInputRequest,
     Message,
+    Setup,
+    ShareKeys,
+    ShareKeysRequest,
+    UnmaskRequest,
+    UnmaskShares,
+)
+from fleetfl.privacy.ring import bits_for_sum
+from fleetfl.privacy.secagg import (
+    PROTOCOL_VERSION,
+    SERVER_ID,
     MessageError,
     SecAggAbort,
     SecAggError,
@@ -30,12 +37,7 @@ from fleetfl.privacy.secagg import (
     SecAggRejected,
     SecAggStateError,
     SecAggStats,
-    Setup,
-    ShareKeys,
-    ShareKeysRequest,
     Stage,
-    UnmaskRequest,
-    UnmaskShares,
 )
 from fleetfl.privacy.secagg_client import SecAggClient
 from fleetfl.privacy.secagg_server import SecAggResult, SecAggServer

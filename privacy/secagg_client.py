@@ -33,27 +33,29 @@ import numpy as np
 from fleetfl.privacy import crypto, ring, shamir
 from fleetfl.privacy.crypto import KeyPair, RandomBytes
 from fleetfl.privacy.graph import effective_degree, neighbours_of
-from fleetfl.privacy.secagg import (
-    MAX_VECTOR_LENGTH,
-    PROTOCOL_VERSION,
-    SERVER_ID,
+from fleetfl.privacy.messages import (
     AdvertiseKeys,
     KeysAhead,
     MaskedInput,
     MaskedInputRequest,
     Message,
-    SecAggRejected,
-    SecAggStateError,
-    SecAggStats,
     Setup,
     ShareKeys,
     ShareKeysRequest,
-    Stage,
     UnmaskRequest,
     UnmaskShares,
+    parse,
+)
+from fleetfl.privacy.secagg import (
+    MAX_VECTOR_LENGTH,
+    PROTOCOL_VERSION,
+    SERVER_ID,
+    SecAggRejected,
+    SecAggStateError,
+    SecAggStats,
+    Stage,
     channel_key,
     pairwise_seed,
-    parse,
     seed_commitment,
     share_header,
     share_keys,

@@ -48,28 +48,30 @@ import numpy as np
 from fleetfl.privacy import crypto, ring, shamir
 from fleetfl.privacy.crypto import KeyPair, RandomBytes
 from fleetfl.privacy.graph import choose_parameters, neighbours
-from fleetfl.privacy.secagg import (
-    PROTOCOL_VERSION,
-    SERVER_ID,
+from fleetfl.privacy.messages import (
     AdvertiseKeys,
     KeysAhead,
     MaskedInput,
     MaskedInputRequest,
     Message,
+    Setup,
+    ShareKeys,
+    ShareKeysRequest,
+    UnmaskRequest,
+    UnmaskShares,
+    parse,
+)
+from fleetfl.privacy.secagg import (
+    PROTOCOL_VERSION,
+    SERVER_ID,
     SecAggAbort,
     SecAggParams,
     SecAggRejected,
     SecAggStateError,
     SecAggStats,
-    Setup,
-    ShareKeys,
-    ShareKeysRequest,
     Stage,
-    UnmaskRequest,
-    UnmaskShares,
     channel_key,
     pairwise_seed,
-    parse,
     seed_commitment,
     stage_name,
     transcript,

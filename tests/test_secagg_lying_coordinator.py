@@ -23,14 +23,16 @@ from test_secagg_protocol import make_round
 
 from fleetfl.privacy import crypto, ring
 from fleetfl.privacy.crypto import KeyPair
-from fleetfl.privacy.secagg import (
-    SERVER_ID,
+from fleetfl.privacy.messages import (
     MaskedInput,
-    SecAggRejected,
     UnmaskRequest,
     UnmaskShares,
-    pairwise_seed,
     parse,
+)
+from fleetfl.privacy.secagg import (
+    SERVER_ID,
+    SecAggRejected,
+    pairwise_seed,
 )
 
 

@@ -93,7 +93,7 @@ def _vanish(stage_type: int, nodes: set[int]):
 
 
 # SecAgg+ message types of the coordinator's requests: Setup 1, ShareKeysRequest 3,
-# MaskedInputRequest 5, UnmaskRequest 7 (fleetfl.privacy.secagg).
+# MaskedInputRequest 5, UnmaskRequest 7 (fleetfl.privacy.messages).
 @pytest.mark.parametrize("stage_type", [1, 3, 5, 7])
 def test_the_round_survives_two_vanishing_at_any_stage(stage_type: int) -> None:
     outcome, grid = _run(["secagg.enabled=true"], rounds=1,
