@@ -8,7 +8,8 @@ imports what a device imports, loads a shard, measures what it would register
 (``measured_runtime``: VmRSS), then trains ``--steps`` steps of batch 32. Reported per limit:
 whether it finished, was OOM-killed or was still thrashing after ``--timeout`` seconds
 (paging its libraries in and out), the group's peak charge (``memory.max_usage_in_bytes``),
-how often it hit the limit, and the process's VmRSS / RssAnon / RssFile after training.
+how often it hit the limit, the process's VmRSS / RssAnon / RssFile after training, and its
+major page faults during the timed steps (after 2 warm-up steps).
 
 There is no swap here, so anonymous memory must fit; file-backed pages (library code, the data
 file) can be dropped and read again, which is what lets a process run below its VmRSS.
@@ -49,10 +50,14 @@ from fleetfl.client.solver import fedprox_train
 settings = TaskSettings("digits", '{"model": "cnn"}', 0, 1, '{"rpi-zero-2w": 1}', 0)
 local = load_local_task(settings, {"data-path": sys.argv[2], "device": "rpi-zero-2w"})
 out = {"registered_runtime": measured_runtime(local)}
-start = time.perf_counter()
+from fleetfl.devices.memory_stats import major_faults
+fedprox_train(local.fresh_model(), local.x_train, local.y_train, mu=0.01, lr=0.05,
+              batch_size=32, steps=2, seed=0)  # warm: the first steps read cold code anyway
+start, faults = time.perf_counter(), major_faults()
 result = fedprox_train(local.fresh_model(), local.x_train, local.y_train, mu=0.01, lr=0.05,
                        batch_size=32, steps=int(sys.argv[3]), seed=0)
-out.update(steps=result.steps, train_s=time.perf_counter() - start, **status())
+out.update(steps=result.steps, train_s=time.perf_counter() - start,
+           major_faults=major_faults() - faults, **status())
 print(json.dumps(out))
 """
 

@@ -58,6 +58,7 @@ from flwr.supernode.runtime.run_clientapp import (
 
 from fleetfl import __version__
 from fleetfl.client.state_store import write_private
+from fleetfl.devices.memory_stats import major_faults
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +131,8 @@ class AppRunner:
         self.app = app
         self.store = store
         self.poll_s = poll_s
+        # message types served once: the first of each reads cold code from disk by design
+        self._warm: set[str] = set()
 
     def _client(self, *interceptors: object, retry: bool = True) -> RuntimeHttpClient:
         return RuntimeHttpClient.from_server_address(
@@ -171,8 +174,13 @@ class AppRunner:
             started = time.monotonic()
             message, context, run, _fab = pull_task_input(client)
             pulled = time.monotonic()
+            faults = _major_faults()
             reply = self._reply(message, context, run)
             answered = time.monotonic()
+            kind = message.metadata.message_type
+            if kind in self._warm:
+                warn_if_paging(_major_faults() - faults, answered - pulled)
+            self._warm.add(kind)
             push_message(client, reply, context)
             status, details = SubStatus.COMPLETED, ""
             if self.store is not None:
@@ -241,3 +249,28 @@ def start_runner(address: str, app: ClientApp, state_dir: Path | None,
                      name="fleetfl-clientapp-runner").start()
     return stop
 
+
+# Major faults in one task that mean "short of memory": 40 warm training steps of the digits CNN
+# made 0 with room to spare, 289 under a 300 MiB cgroup (6.6x slower) and 2,074 under 290 MiB
+# (46x slower): benchmarks/results/device_memory_faults.json.
+PAGING_FAULTS = 200
+
+
+def warn_if_paging(faults: int, seconds: float) -> str | None:
+    """Warn (and return the text) when a task made ``faults`` major page faults: the device is
+    short of memory and re-reads library code from disk, so it trains many times slower long
+    before the kernel would kill it (BENCHMARKS.md, "Memory limits and the Pi Zero 2 W")."""
+    if faults < PAGING_FAULTS:
+        return None
+    text = (f"this device had to read memory back from disk {faults} times during a "
+            f"{seconds:.1f} s task (major page faults): it is short of memory, which slows "
+            "training many times; give it more memory or stop other programs")
+    log.warning("%s", text)
+    return text
+
+
+def _major_faults() -> int:
+    try:
+        return major_faults()
+    except (OSError, ValueError, IndexError):  # no /proc: nothing to say
+        return 0

@@ -236,6 +236,13 @@ def _status_bytes(field: str, pid: int | str = "self") -> int:
     raise OSError(f"{path} has no {field}")
 
 
+def major_faults(pid: int | str = "self") -> int:
+    """Major page faults of process ``pid`` so far (``/proc/PID/stat`` field 12): pages that had
+    to be read from disk, e.g. library code the kernel dropped under memory pressure."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return int(stat.rsplit(")", 1)[1].split()[9])  # fields after "(comm)" start at field 3
+
+
 def rss_bytes(pid: int | str = "self") -> int:
     """Resident set size (VmRSS) of process ``pid`` now, bytes (default: this process)."""
     return _status_bytes("VmRSS", pid)

@@ -6,13 +6,16 @@ The runner itself serves every message of the service end-to-end test
 
 from __future__ import annotations
 
+import mmap
+import os
 from pathlib import Path
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, RecordDict
 
 from fleetfl import __version__
-from fleetfl.client.runner import FAB_ID, ContextStore, refusal
+from fleetfl.client.runner import FAB_ID, PAGING_FAULTS, ContextStore, refusal, warn_if_paging
+from fleetfl.devices.memory_stats import major_faults
 
 
 def _context(node_id: int = 7, run_id: int = 3, state: RecordDict | None = None) -> Context:
@@ -67,3 +70,21 @@ def test_the_runner_runs_only_the_same_fleetfl() -> None:
     assert "coordinator runs fleetfl 0.0.1" in str(refusal(Run()))  # type: ignore[arg-type]
     Run.fab_id, Run.fab_version = "someone/else", __version__
     assert "only fleetfl's ClientApp" in str(refusal(Run()))  # type: ignore[arg-type]
+
+
+def test_reading_pages_back_from_disk_counts_as_major_faults(tmp_path: Path) -> None:
+    path = tmp_path / "blob"
+    path.write_bytes(os.urandom(8 << 20))
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())
+        os.posix_fadvise(fh.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)  # out of the page cache
+        before = major_faults()
+        with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as pages:
+            total = sum(pages[i] for i in range(0, len(pages), mmap.PAGESIZE))
+    assert total >= 0 and major_faults() > before
+
+
+def test_a_task_that_pages_is_warned_about(caplog) -> None:
+    assert warn_if_paging(PAGING_FAULTS - 1, 2.0) is None
+    said = warn_if_paging(PAGING_FAULTS * 5, 3.2)
+    assert said is not None and "short of memory" in said and "short of memory" in caplog.text
